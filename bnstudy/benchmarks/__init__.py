@@ -1,0 +1,1 @@
+"""Benchmarks: each measures the things it compares in one run and reports ratios."""

@@ -1,0 +1,79 @@
+"""DDP step time with plain BN vs bnstudy's SyncBatchNorm (2 processes × 1 thread, gloo)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from bnstudy.distributed import spawn_gloo
+from bnstudy.models import create_model
+
+
+def _step_times(model: nn.Module, batch: int, steps: int, warmup: int) -> list[float]:
+    ddp = DistributedDataParallel(model, broadcast_buffers=False)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    times = []
+    for i in range(warmup + steps):
+        dist.barrier()
+        start = time.perf_counter()
+        loss = nn.functional.cross_entropy(ddp(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _worker(rank: int, world_size: int, model_name: str, batches: list[int], steps: int, rounds: int, out: str) -> None:
+    torch.manual_seed(0)
+    results: dict[str, dict[str, list[float]]] = {}
+    for batch in batches:
+        per_norm: dict[str, list[float]] = {"bn": [], "syncbn": []}
+        models = {norm: create_model(model_name, norm).to(memory_format=torch.channels_last) for norm in per_norm}
+        for _ in range(rounds):  # alternate so drift in machine load hits both alike
+            for norm, model in models.items():
+                per_norm[norm] += _step_times(model, batch, steps, warmup=2)
+        results[str(batch)] = per_norm
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+
+
+def benchmark_syncbn(
+    model: str = "resnet", batches: tuple[int, ...] = (8, 64), steps: int = 10, rounds: int = 2, world_size: int = 2
+) -> dict:
+    """Median DDP step time per norm and per-rank batch size, and the syncbn/bn ratio, measured in one run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw_path = Path(tmp) / "raw.json"
+        spawn_gloo(_worker, world_size, model, list(batches), steps, rounds, str(raw_path), threads=1)
+        raw = json.loads(raw_path.read_text())
+    rows = []
+    for batch, per_norm in raw.items():
+        bn, sync = statistics.median(per_norm["bn"]), statistics.median(per_norm["syncbn"])
+        rows.append(
+            {
+                "images_per_rank": int(batch),
+                "bn_step_s": bn,
+                "syncbn_step_s": sync,
+                "ratio": sync / bn,
+                "samples": len(per_norm["bn"]),
+            }
+        )
+    return {
+        "model": model,
+        "world_size": world_size,
+        "threads_per_rank": 1,
+        "backend": "gloo",
+        "torch": torch.__version__,
+        "results": rows,
+    }

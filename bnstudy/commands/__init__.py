@@ -1,0 +1,1 @@
+"""One module per ``bnstudy`` subcommand; each has ``register(registry)``."""

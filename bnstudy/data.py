@@ -1,0 +1,221 @@
+"""Datasets as in-memory tensors: CIFAR-10 and MNIST (torchvision root or .npz directory), a learnable
+synthetic CIFAR-shaped set for offline runs, and seed 000's ``make_classification`` problem.
+
+Images stay uint8 (N, H, W, C) in memory; :func:`to_model_input` turns a batch into normalised float NCHW, so
+decoding happens once and augmentation can be batched tensor ops.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bnstudy.errors import UserError
+
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+MNIST_CLASSES = tuple(str(i) for i in range(10))
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+MNIST_MEAN = (0.1307,)
+MNIST_STD = (0.3081,)
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+class DataError(UserError, ValueError):
+    """A dataset could not be loaded; the message is one line naming the file and what was expected."""
+
+
+@dataclass
+class ImageDataset:
+    """Images ``x`` uint8 (N, H, W, C), labels ``y`` int64 (N,), and how to normalise them."""
+
+    x: Tensor
+    y: Tensor
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, n: int) -> ImageDataset:
+        """The first ``n`` samples."""
+        return ImageDataset(self.x[:n], self.y[:n], self.classes, self.mean, self.std, self.source)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    shape: tuple[int, ...]
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+_SPECS = {
+    "cifar10": _Spec("cifar10", (32, 32, 3), CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD),
+    "mnist": _Spec("mnist", (28, 28, 1), MNIST_CLASSES, MNIST_MEAN, MNIST_STD),
+}
+
+
+def to_model_input(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """uint8 (N, H, W, C) → float32 (N, C, H, W) normalised per channel; the one training transform."""
+    out = x.permute(0, 3, 1, 2).float().div_(255)
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return out.sub_(m).div_(s)
+
+
+def _validate(spec: _Spec, x: np.ndarray, y: np.ndarray, origin: str) -> tuple[np.ndarray, np.ndarray]:
+    if x.ndim == 3 and spec.shape[2] == 1:
+        x = x[..., None]
+    if x.ndim != 4 or tuple(x.shape[1:]) != spec.shape:
+        raise DataError(f"{origin}: expected images of shape (N, {', '.join(map(str, spec.shape))}), got {x.shape}")
+    if x.dtype != np.uint8:
+        raise DataError(f"{origin}: expected uint8 images, got {x.dtype}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"{origin}: expected {len(x)} labels of shape (N,), got {y.shape}")
+    if len(y) and (y.min() < 0 or y.max() >= len(spec.classes)):
+        raise DataError(f"{origin}: labels must lie in 0..{len(spec.classes) - 1}, found {y.min()}..{y.max()}")
+    return x, y.astype(np.int64)
+
+
+def _load_npz(spec: _Spec, file: Path) -> ImageDataset:
+    try:
+        with np.load(file) as arrays:
+            if "x" not in arrays or "y" not in arrays:
+                raise DataError(
+                    f"{file}: expected arrays 'x' (uint8 images) and 'y' (int64 labels), found {sorted(arrays.files)}"
+                )
+            x, y = arrays["x"], arrays["y"]
+    except DataError:
+        raise
+    except Exception as exc:  # zip/pickle errors name nothing useful
+        raise DataError(
+            f"{file}: not a readable .npz file ({type(exc).__name__}); re-create it with "
+            "np.savez_compressed(path, x=..., y=...)"
+        ) from None
+    x, y = _validate(spec, x, y, str(file))
+    return ImageDataset(torch.from_numpy(x), torch.from_numpy(y), spec.classes, spec.mean, spec.std, str(file))
+
+
+def _load_torchvision(spec: _Spec, root: Path, train: bool, download: bool) -> ImageDataset:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if spec.name == "cifar10" else datasets.MNIST
+    try:
+        ds = cls(str(root), train=train, download=download)
+    except RuntimeError as exc:
+        hint = "pass --download to fetch it" if not download else "check the network or use an .npz directory"
+        raise DataError(f"{root}: no torchvision {cls.__name__} data found ({exc}); {hint}") from None
+    x = np.asarray(ds.data)
+    y = np.asarray(ds.targets)
+    x, y = _validate(spec, x, y, str(root))
+    return ImageDataset(torch.from_numpy(x), torch.from_numpy(y), spec.classes, spec.mean, spec.std, str(root))
+
+
+def load_images(name: str, path: str | os.PathLike, split: str = "train", download: bool = False) -> ImageDataset:
+    """Load ``name`` ("cifar10" or "mnist") split "train" or "test" from ``path``.
+
+    ``path`` is a directory with ``train.npz``/``test.npz`` (``x`` uint8, ``y`` int64), a single ``.npz`` file,
+    or a torchvision root (``download=True`` fetches into it).
+    """
+    spec = _SPECS[name]
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    path = Path(path)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise DataError(f"{path}: file not found; expected an .npz with arrays x (uint8) and y (int64)")
+        return _load_npz(spec, path)
+    if (path / f"{split}.npz").is_file():
+        return _load_npz(spec, path / f"{split}.npz")
+    if not path.exists() and not download:
+        raise DataError(
+            f"{path}: directory not found; expected {split}.npz or a torchvision {name} root "
+            "(add --download to fetch it)"
+        )
+    return _load_torchvision(spec, path, split == "train", download)
+
+
+def find_real_data(name: str) -> Path | None:
+    """Where real ``name`` data lies on this machine ($BNSTUDY_DATA/<name>, ./data/<name>, ../shared/data/<name>)."""
+    candidates = [Path(os.environ["BNSTUDY_DATA"]) / name] if "BNSTUDY_DATA" in os.environ else []
+    candidates += [Path("data") / name, SHARED_DATA / name]
+    for candidate in candidates:
+        if (candidate / "train.npz").is_file() and (candidate / "test.npz").is_file():
+            return candidate
+    return None
+
+
+def synthetic_images(
+    name: str = "cifar10", n: int = 5000, seed: int = 0, noise: float = 0.35, template_seed: int = 1234
+) -> ImageDataset:
+    """A learnable image set shaped like ``name``: each class is a smooth random colour template, and each
+    sample is its class template, randomly shifted (±3 px), contrast-jittered and noised.
+
+    Templates depend only on ``template_seed``, so train and test sets drawn with different ``seed`` share the
+    classes. A small CNN beats chance clearly within one short epoch; it is not linearly trivial.
+    """
+    spec = _SPECS[name]
+    h, w, c = spec.shape
+    k = len(spec.classes)
+    tgen = torch.Generator().manual_seed(template_seed)
+    coarse = torch.rand(k, c, 4, 4, generator=tgen)
+    templates = torch.nn.functional.interpolate(coarse, size=(h + 6, w + 6), mode="bicubic", align_corners=False)
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=gen)
+    dy, dx = torch.randint(0, 7, (2, n), generator=gen)
+    rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1)
+    cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w)
+    crops = templates[y.view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
+    contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=gen)
+    images = 0.5 + contrast * (crops - 0.5) + noise * torch.randn(n, c, h, w, generator=gen)
+    x = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return ImageDataset(x, y, spec.classes, spec.mean, spec.std, f"synthetic-{name}(seed={seed})")
+
+
+@dataclass
+class TabularSplit:
+    """Standardised features and float labels, split into train and test."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+
+def toy_classification(
+    n_samples: int = 1000, n_features: int = 20, n_informative: int = 15, seed: int = 42, test_size: float = 0.2
+) -> TabularSplit:
+    """Seed 000's binary problem: sklearn's ``make_classification``, standardised on the training split, 80/20."""
+    from sklearn.datasets import make_classification
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = make_classification(
+        n_samples=n_samples, n_features=n_features, n_informative=n_informative, random_state=seed
+    )
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_size, random_state=seed)
+    scaler = StandardScaler().fit(x_tr)
+    as_tensor = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    return TabularSplit(
+        as_tensor(scaler.transform(x_tr)), as_tensor(y_tr), as_tensor(scaler.transform(x_te)), as_tensor(y_te)
+    )

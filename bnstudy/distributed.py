@@ -1,0 +1,101 @@
+"""Process-group plumbing: torchrun environment, backend choice, rank-0 printing, metric reduction, and a
+local launcher that spawns a real gloo group (for tests, benchmarks and notebooks)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job; a single process is rank 0 of world size 1."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    backend: str | None = None
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def choose_backend(device: torch.device) -> str:
+    """nccl for CUDA devices, gloo otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_from_env(device: str = "auto") -> DistEnv:
+    """Initialise the default process group from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
+
+    Without them this is a single process and no group is created. ``device`` is "auto", "cpu" or "cuda".
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda requested but CUDA is not available; use --device cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world_size == 1:
+        return DistEnv(device=dev)
+    backend = choose_backend(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, device_id=dev if use_cuda else None)
+    return DistEnv(rank, local_rank, world_size, backend, dev)
+
+
+def shutdown() -> None:
+    """Destroy the default process group if there is one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def main_print(*args, **kwargs) -> None:
+    """print() on rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """Sum a vector of numbers over all ranks (float64); a no-op without a process group."""
+    tensor = torch.as_tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _local_worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple) -> None:
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(fn: Callable, world_size: int, *args, threads: int = 1) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined in a real gloo group on
+    loopback. ``fn`` must be importable (module level). Raises if any rank fails."""
+    mp.spawn(_local_worker, args=(world_size, free_port(), threads, fn, args), nprocs=world_size, join=True)

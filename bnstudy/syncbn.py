@@ -1,0 +1,251 @@
+"""Synchronised BatchNorm for any backend.
+
+PyTorch's ``nn.SyncBatchNorm`` only runs on accelerators, and DDP refuses a CPU module that holds one. This
+module keeps PyTorch's semantics (count-weighted global statistics, biased variance for normalising, unbiased
+for ``running_var``, local weight/bias gradients that DDP averages) and runs them on every device: on CUDA it
+calls PyTorch's own sync kernels, elsewhere an autograd Function with one collective in forward and one in
+backward, doing the elementwise work with the native batch-norm kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules._functions import SyncBatchNorm as _CudaSyncBatchNormFunction
+
+__all__ = ["SyncBatchNorm", "BatchNormXd", "convert_sync_batchnorm", "revert_sync_batchnorm"]
+
+_ACCELERATORS = ("cuda", "xpu", "hpu")
+
+
+def combine_statistics(counts: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge per-rank (count, mean, biased variance) rows into global ones (Chan et al.'s parallel formula).
+
+    ``counts`` has shape (K,), ``means`` and ``variances`` (K, C). Returns the global count, mean and biased
+    variance. Combining centred moments avoids the cancellation of E[x²] − E[x]².
+    """
+    total = counts.sum()
+    weights = (counts / total.clamp(min=1)).unsqueeze(1)
+    mean = (weights * means).sum(0)
+    var = (weights * (variances + (means - mean) ** 2)).sum(0)
+    return total, mean, var
+
+
+def _channel_shape(x: Tensor) -> list[int]:
+    return [1, -1] + [1] * (x.dim() - 2)
+
+
+class _CpuSyncBatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, process_group, world_size):
+        channels = x.shape[1]
+        count = x.numel() // channels if channels else 0
+        if count > 0:
+            _, local_mean, local_invstd = torch.ops.aten._native_batch_norm_legit.no_stats(
+                x, None, None, True, 0.0, eps
+            )
+            local_var = local_invstd.pow(-2) - eps
+        else:
+            local_mean = x.new_zeros(channels)
+            local_var = x.new_zeros(channels)
+        # Each rank fills its own row and one all-reduce assembles the table (an all-gather on every backend).
+        rows = x.new_zeros(world_size, 1 + 2 * channels)
+        rows[dist.get_rank(process_group)] = torch.cat(
+            [x.new_tensor([float(count)]), local_mean, local_var.clamp(min=0)]
+        )
+        dist.all_reduce(rows, group=process_group)
+        total, mean, var = combine_statistics(rows[:, 0], rows[:, 1 : 1 + channels], rows[:, 1 + channels :])
+        total = int(total.item())
+        if total <= 1:
+            raise ValueError(
+                f"SyncBatchNorm needs more than 1 value per channel across all ranks when training, got {total}"
+            )
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+                running_var.mul_(1 - momentum).add_(var * (total / (total - 1)), alpha=momentum)
+        invstd = torch.rsqrt(var + eps)
+        # Eval-mode native batch norm normalises with given statistics in one elementwise pass.
+        out = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.total = total
+        ctx.eps = eps
+        ctx.process_group = process_group
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad_out = grad_out.contiguous(memory_format=_memory_format(x))
+        channels = x.shape[1]
+        if x.numel() > 0:
+            _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True]
+            )
+        else:
+            grad_weight = x.new_zeros(channels)
+            grad_bias = x.new_zeros(channels)
+        sums = torch.cat([grad_bias, grad_weight])
+        dist.all_reduce(sums, group=ctx.process_group)
+        sum_dy, sum_dy_xhat = sums[:channels], sums[channels:]
+        scale = invstd if weight is None else weight * invstd
+        # dx = scale * (dy - sum_dy/N - xhat * sum_dy_xhat/N) = scale*dy + k_x*x + k_0
+        k_x = -scale * invstd * sum_dy_xhat / ctx.total
+        k_0 = -scale * sum_dy / ctx.total - k_x * mean
+        ones = torch.ones_like(mean)
+        grad_in = torch.batch_norm(x, k_x, k_0, torch.zeros_like(mean), ones, False, 0.0, 0.0, False)
+        grad_in.addcmul_(grad_out, scale.view(_channel_shape(x)))
+        if weight is None:
+            return grad_in, None, None, None, None, None, None, None, None
+        return grad_in, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+_syncbn_groups: dict[object, dist.ProcessGroup] = {}
+
+
+def _world_group_for_syncbn() -> dist.ProcessGroup:
+    """A second group over all ranks, created once per default group.
+
+    Gloo runs a group's collectives in order, so on the default group a sync-BN all-reduce in backward would
+    wait behind DDP's gradient buckets queued before it; its own group lets the two overlap.
+    """
+    world = dist.group.WORLD
+    if world not in _syncbn_groups:
+        _syncbn_groups[world] = dist.new_group(backend=dist.get_backend(world))
+    return _syncbn_groups[world]
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics span all ranks of ``process_group``, on CPU (gloo) and CUDA (nccl).
+
+    Without an initialised process group, with world size 1, or in eval mode it is exactly ``nn.BatchNorm*d``
+    and issues no collective. ``dim`` (1, 2 or 3) only records which plain BN class ``revert_sync_batchnorm``
+    should restore.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        dim: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+        self.dim = dim
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 3, 4, 5):
+            raise ValueError(f"SyncBatchNorm expects 2D to 5D input (N, C, ...), got {input.dim()}D")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        running_mean = self.running_mean if track else None
+        running_var = self.running_var if track else None
+
+        world_size = self._sync_world_size()
+        if world_size <= 1:
+            return nn.functional.batch_norm(
+                input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps
+            )
+        group = self.process_group or _world_group_for_syncbn()
+        function = _CudaSyncBatchNormFunction if input.device.type in _ACCELERATORS else _CpuSyncBatchNormFunction
+        return function.apply(
+            input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group, world_size
+        )
+
+    def _sync_world_size(self) -> int:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+
+class BatchNormXd(nn.modules.batchnorm._BatchNorm):
+    """Plain BatchNorm for any input rank: what a ``SyncBatchNorm`` of unknown dimensionality reverts to."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"BatchNorm expects at least 2D input (N, C, ...), got {input.dim()}D")
+
+
+_PLAIN_BY_DIM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_DIM_OF_PLAIN = {cls: dim for dim, cls in _PLAIN_BY_DIM.items()}
+
+
+def _copy_state(source: nn.modules.batchnorm._BatchNorm, target: nn.modules.batchnorm._BatchNorm) -> None:
+    if source.affine:
+        target.weight = source.weight
+        target.bias = source.bias
+    target.running_mean = source.running_mean
+    target.running_var = source.running_var
+    target.num_batches_tracked = source.num_batches_tracked
+    target.train(source.training)
+
+
+def _replace(module: nn.Module, convert) -> nn.Module:
+    replacement = convert(module)
+    if replacement is not None:
+        return replacement
+    for name, child in module.named_children():
+        new_child = _replace(child, convert)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` by :class:`SyncBatchNorm`, sharing its parameters
+    and buffers (so ``requires_grad`` and ``num_batches_tracked`` carry over). Returns the module."""
+
+    def convert(child: nn.Module) -> nn.Module | None:
+        if type(child) not in _DIM_OF_PLAIN and not isinstance(child, nn.SyncBatchNorm):
+            return None
+        sync = SyncBatchNorm(
+            child.num_features,
+            child.eps,
+            child.momentum,
+            child.affine,
+            child.track_running_stats,
+            process_group,
+            dim=_DIM_OF_PLAIN.get(type(child)),
+        )
+        _copy_state(child, sync)
+        return sync
+
+    return _replace(module, convert)
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Turn every :class:`SyncBatchNorm` (ours or PyTorch's) back into plain BatchNorm, e.g. before export.
+    Returns the module."""
+
+    def convert(child: nn.Module) -> nn.Module | None:
+        if not isinstance(child, (SyncBatchNorm, nn.SyncBatchNorm)):
+            return None
+        cls = _PLAIN_BY_DIM.get(getattr(child, "dim", None), BatchNormXd)
+        plain = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+        _copy_state(child, plain)
+        return plain
+
+    return _replace(module, convert)

@@ -1,0 +1,215 @@
+"""SyncBatchNorm on real gloo process groups equals one process running plain BN on the concatenated batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import bnstudy.syncbn as syncbn
+from bnstudy.distributed import spawn_gloo
+from bnstudy.models import seed_cnn
+from bnstudy.syncbn import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+
+C = 3
+SHAPES = {"bn1d-2d": (), "bn1d-3d": (5,), "bn2d": (4, 3), "bn3d": (2, 3, 2)}
+PLAIN = {"bn1d-2d": nn.BatchNorm1d, "bn1d-3d": nn.BatchNorm1d, "bn2d": nn.BatchNorm2d, "bn3d": nn.BatchNorm3d}
+# (layer, per-rank batch sizes, options)
+CASES_2 = [
+    ("bn1d-2d", (4, 4), {}),
+    ("bn1d-2d", (3, 5), {}),
+    ("bn1d-3d", (3, 5), {}),
+    ("bn2d", (4, 4), {}),
+    ("bn2d", (3, 5), {}),
+    ("bn3d", (3, 5), {}),
+    ("bn2d", (3, 5), {"momentum": None}),
+    ("bn2d", (3, 5), {"affine": False}),
+    ("bn2d", (3, 5), {"track_running_stats": False}),
+    ("bn2d", (0, 5), {}),
+    ("bn1d-2d", (5, 0), {}),
+]
+CASES_3 = [("bn1d-2d", (2, 3, 4), {}), ("bn2d", (1, 3, 4), {}), ("bn3d", (2, 2, 2), {})]
+STEPS = 2
+
+
+def case_data(
+    layer: str, sizes: tuple[int, ...], step: int, case: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-rank inputs (shifted and scaled, so mean and variance matter) and output gradients."""
+    gen = torch.Generator().manual_seed(1000 * case + step)
+    xs = [torch.randn(n, C, *SHAPES[layer], generator=gen, dtype=torch.float64).float() * 2.5 + 1.5 for n in sizes]
+    gs = [torch.randn(n, C, *SHAPES[layer], generator=gen) for n in sizes]
+    return xs, gs
+
+
+def init_affine(bn: nn.Module) -> None:
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.copy_(torch.linspace(0.5, 2.0, C))
+            bn.bias.copy_(torch.linspace(-1.0, 1.0, C))
+
+
+def _biased_in_wrong_place(counts, means, variances):
+    """A deliberately wrong sync BN: normalises with the unbiased variance."""
+    total, mean, var = _correct_combine(counts, means, variances)
+    return total, mean, var * total / (total - 1)
+
+
+_correct_combine = syncbn.combine_statistics
+
+
+def _run_cases(rank: int, world_size: int, cases: list, out: str, mutate: bool) -> None:
+    if mutate:
+        syncbn.combine_statistics = _biased_in_wrong_place
+    results = []
+    for index, (layer, sizes, options) in enumerate(cases):
+        bn = SyncBatchNorm(C, **options)
+        init_affine(bn)
+        model = DistributedDataParallel(bn, broadcast_buffers=False) if bn.affine else bn
+        steps = []
+        for step in range(STEPS):
+            xs, gs = case_data(layer, sizes, step, index)
+            x = xs[rank].clone().requires_grad_()
+            y = model(x)
+            if bn.affine:
+                bn.weight.grad = bn.bias.grad = None
+            (y * gs[rank]).sum().backward()
+            steps.append(
+                {
+                    "y": y.detach(),
+                    "dx": x.grad,
+                    "dw": None if not bn.affine else bn.weight.grad * world_size,  # DDP averaged: undo the mean
+                    "db": None if not bn.affine else bn.bias.grad * world_size,
+                }
+            )
+        state = {k: v.clone() for k, v in bn.state_dict().items()}
+        results.append({"steps": steps, "state": state})
+    torch.save(results, f"{out}/rank{rank}.pt")
+
+
+def _reference(layer: str, sizes: tuple[int, ...], options: dict, index: int) -> dict:
+    bn = PLAIN[layer](C, **options)
+    init_affine(bn)
+    steps = []
+    for step in range(STEPS):
+        xs, gs = case_data(layer, sizes, step, index)
+        x = torch.cat(xs).requires_grad_()
+        y = bn(x)
+        if bn.affine:
+            bn.weight.grad = bn.bias.grad = None
+        (y * torch.cat(gs)).sum().backward()
+        steps.append(
+            {
+                "y": y.detach(),
+                "dx": x.grad,
+                "dw": bn.weight.grad if bn.affine else None,
+                "db": bn.bias.grad if bn.affine else None,
+            }
+        )
+    return {"steps": steps, "state": bn.state_dict()}
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def compare(cases: list, world_size: int, out) -> list[str]:
+    """Every mismatch between the ranks' results and the single-process reference, as readable strings."""
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+    problems = []
+    for index, (layer, sizes, options) in enumerate(cases):
+        ref = _reference(layer, sizes, options, index)
+        name = f"{layer} sizes={sizes} {options}"
+        for step in range(STEPS):
+            for key in ("y", "dx"):
+                got = torch.cat([ranks[r][index]["steps"][step][key] for r in range(world_size)])
+                if not _close(got, ref["steps"][step][key]):
+                    problems.append(f"{name} step {step}: {key} differs")
+            for key in ("dw", "db"):
+                if ref["steps"][step][key] is not None:
+                    for r in range(world_size):
+                        if not _close(ranks[r][index]["steps"][step][key], ref["steps"][step][key]):
+                            problems.append(f"{name} step {step}: {key} differs on rank {r}")
+        for key, value in ref["state"].items():
+            for r in range(world_size):
+                if not torch.allclose(ranks[r][index]["state"][key].double(), value.double(), rtol=1e-5, atol=1e-6):
+                    problems.append(f"{name}: {key} differs on rank {r}")
+    return problems
+
+
+@pytest.mark.parametrize("world_size,cases", [(2, CASES_2), (3, CASES_3)], ids=["2-ranks", "3-ranks"])
+def test_sync_bn_equals_bn_on_concatenated_batch(world_size, cases, tmp_path):
+    spawn_gloo(_run_cases, world_size, cases, str(tmp_path), False)
+    assert compare(cases, world_size, tmp_path) == []
+
+
+def test_equivalence_check_catches_unbiased_variance_in_normaliser(tmp_path):
+    cases = [("bn2d", (3, 5), {})]
+    spawn_gloo(_run_cases, 2, cases, str(tmp_path), True)
+    problems = compare(cases, 2, tmp_path)
+    assert any(": y differs" in p for p in problems)
+    assert any("running_var" in p for p in problems)
+
+
+def _train_converted(rank: int, world_size: int, out: str) -> None:
+    torch.manual_seed(0)
+    model = convert_sync_batchnorm(seed_cnn("bn", width=8))
+    ddp = DistributedDataParallel(model, broadcast_buffers=False)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(16, 3, 8, 8, generator=gen)
+    y = (x.mean((1, 2, 3)) > 0).long()  # learnable from the input
+    losses = []
+    for _ in range(15):
+        loss = nn.functional.cross_entropy(ddp(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    stats = torch.cat([m.running_var for m in model.modules() if isinstance(m, SyncBatchNorm)])
+    gathered = [torch.zeros_like(stats) for _ in range(world_size)]
+    dist.all_gather(gathered, stats)
+    torch.save({"losses": losses, "stats": gathered}, f"{out}/train{rank}.pt")
+
+
+def test_ddp_trains_converted_model_on_cpu(tmp_path):
+    spawn_gloo(_train_converted, 2, str(tmp_path))
+    result = torch.load(tmp_path / "train0.pt", weights_only=True)
+    assert result["losses"][-1] < 0.7 * result["losses"][0]
+    torch.testing.assert_close(result["stats"][0], result["stats"][1], rtol=0, atol=0)
+
+
+def test_without_process_group_it_is_plain_batchnorm():
+    torch.manual_seed(0)
+    plain, sync = nn.BatchNorm2d(4), SyncBatchNorm(4)
+    x = torch.randn(6, 4, 5, 5) * 3 + 1
+    for mode in ("train", "eval"):
+        getattr(plain, mode)()
+        getattr(sync, mode)()
+        torch.testing.assert_close(sync(x), plain(x), rtol=0, atol=0)
+    torch.testing.assert_close(sync.state_dict(), plain.state_dict(), rtol=0, atol=0)
+
+
+def test_convert_and_revert_keep_parameters_buffers_and_flags():
+    model = seed_cnn("bn", width=4)
+    model[0][1].weight.requires_grad_(False)
+    model[0][1].num_batches_tracked.fill_(7)
+    model(torch.randn(4, 3, 8, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = convert_sync_batchnorm(model)
+    assert sum(isinstance(m, SyncBatchNorm) for m in converted.modules()) == 2
+    assert not converted[0][1].weight.requires_grad
+    reverted = revert_sync_batchnorm(converted)
+    assert [type(m) for m in reverted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] == [
+        nn.BatchNorm2d,
+        nn.BatchNorm2d,
+    ]
+    torch.testing.assert_close(reverted.state_dict(), before, rtol=0, atol=0)
+    assert not reverted[0][1].weight.requires_grad
+
+
+def test_rejects_wrong_input_rank():
+    with pytest.raises(ValueError, match="2D to 5D"):
+        SyncBatchNorm(3)(torch.randn(3))
