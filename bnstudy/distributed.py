@@ -60,8 +60,10 @@ def init_from_env(device: str = "auto") -> DistEnv:
 
 
 def shutdown() -> None:
-    """Destroy the default process group if there is one."""
+    """Destroy the default process group if there is one, after every rank got here (a rank that tears its group
+    down while a peer still works makes gloo abort)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -82,9 +82,10 @@ class CifarResNet(nn.Module):
     """The training default: a compact residual CNN shaped like Keller Jordan's airbench network (stem, three
     conv stages with max-pooling, global max pool, linear head), fast on CPU in channels_last."""
 
-    def __init__(self, norm: str = "bn", num_classes: int = 10, widths: Sequence[int] = (64, 128, 256)) -> None:
+    def __init__(self, norm: str = "bn", num_classes: int = 10, width: int = 64) -> None:
         super().__init__()
-        stem = widths[0] // 2
+        widths = (width, 2 * width, 4 * width)
+        stem = width // 2
         self.stem = conv_norm_act(3, stem, norm, act=nn.GELU)
         chans = [stem, *widths]
         self.stages = nn.Sequential(*(conv_stage(a, b, norm) for a, b in zip(chans[:-1], chans[1:])))

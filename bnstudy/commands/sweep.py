@@ -1,0 +1,52 @@
+"""``bnstudy sweep``: BN vs SyncBN vs GN across per-process batch sizes under DDP."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, replace
+from pathlib import Path
+
+
+def register(registry) -> None:
+    p = registry.command(
+        "sweep",
+        "BN, SyncBN and GN at per-process batch sizes 2..32 with 2 processes: "
+        "test accuracy vs batch (Group Norm paper, figure 1)",
+    )
+    p.add_argument("--quick", action="store_true", help="CI size: synthetic data, 1 epoch, tiny model")
+    p.add_argument("--norms", nargs="+", help="norms to compare (default: bn syncbn gn)")
+    p.add_argument("--batches", type=int, nargs="+", help="images per process (default: 2 4 8 16 32)")
+    p.add_argument("--nproc", type=int, help="processes (default: 2)")
+    p.add_argument("--epochs", type=int, help="epochs per run (default: 4; quick: 1)")
+    p.add_argument("--data", help="auto | synthetic | PATH (default: auto; quick: synthetic)")
+    p.add_argument("--train-subset", type=int, help="training images used (default: 10000; quick: 512)")
+    p.add_argument("--width", type=int, help="model base width (default: 16; quick: 8)")
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="directory for runs, sweep.json, sweep.png")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bnstudy.io import write_json
+    from bnstudy.run_plots import plot_sweep
+    from bnstudy.sweep import QUICK, SweepPlan, run_sweep
+
+    plan = QUICK if args.quick else SweepPlan()
+    overrides = {
+        "norms": args.norms and tuple(args.norms),
+        "batches": args.batches and tuple(args.batches),
+        "nproc": args.nproc,
+        "epochs": args.epochs,
+        "data": args.data,
+        "train_subset": args.train_subset,
+        "width": args.width,
+    }
+    plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
+    results = run_sweep(plan, args.out)
+    print(f"{'images/process':>14}  " + "  ".join(f"{norm:>8}" for norm in plan.norms))
+    for batch in plan.batches:
+        print(f"{batch:>14}  " + "  ".join(f"{100 * results[n][batch]:>7.2f}%" for n in plan.norms))
+    write_json(args.out / "sweep.json", {"plan": asdict(plan), "test_acc": results})
+    title = f"{plan.nproc} processes, {plan.epochs} epoch(s), data={plan.data}"
+    png = plot_sweep(results, args.out / "sweep.png", title)
+    print(f"wrote {args.out / 'sweep.json'} and {png}")
+    return 0

@@ -1,0 +1,96 @@
+"""The batch-size sweep: BN, SyncBN and GN at several per-process batch sizes under DDP, each a real torchrun
+job, and test accuracy against per-process batch size (Wu & He 2018, figure 1, on CIFAR-10)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bnstudy.errors import UserError
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """Plain-data description of a sweep; ``quick`` is the CI-sized one, ``full`` the one for real data."""
+
+    norms: tuple[str, ...] = ("bn", "syncbn", "gn")
+    batches: tuple[int, ...] = (2, 4, 8, 16, 32)
+    nproc: int = 2
+    epochs: int = 4
+    base_lr: float = 0.2
+    data: str = "auto"
+    width: int = 16
+    train_subset: int | None = 10000
+    test_subset: int | None = None
+    synthetic_size: int = 20000
+    seed: int = 0
+
+    def lr(self, batch: int) -> float:
+        """Linear scaling rule (Goyal et al. 2017): the learning rate grows with the global batch, base at 256."""
+        return self.base_lr * batch * self.nproc / 256
+
+
+QUICK = SweepPlan(epochs=1, data="synthetic", width=8, train_subset=512, test_subset=500, synthetic_size=2000)
+
+
+def run_command(plan: SweepPlan, norm: str, batch: int, out: Path) -> list[str]:
+    """The torchrun command line of one sweep point."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={plan.nproc}",
+        "-m",
+        "bnstudy.launcher",
+        "--norm",
+        norm,
+        "--batch-size",
+        str(batch),
+        "--lr",
+        f"{plan.lr(batch):.6g}",
+        "--epochs",
+        str(plan.epochs),
+        "--data",
+        plan.data,
+        "--width",
+        str(plan.width),
+        "--seed",
+        str(plan.seed),
+        "--synthetic-size",
+        str(plan.synthetic_size),
+        "--out",
+        str(out),
+    ]
+    if plan.train_subset:
+        cmd += ["--train-subset", str(plan.train_subset)]
+    if plan.test_subset:
+        cmd += ["--test-subset", str(plan.test_subset)]
+    return cmd
+
+
+def run_sweep(plan: SweepPlan, out: Path) -> dict:
+    """Run every (norm, batch) point not already finished under ``out``; returns accuracies by norm and batch."""
+    points = [(norm, batch) for norm in plan.norms for batch in plan.batches]
+    results: dict[str, dict[int, float]] = {norm: {} for norm in plan.norms}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for norm, batch in tqdm(points, desc="sweep", unit="run"):
+        run_dir = out / f"{norm}-b{batch}"
+        summary_path = run_dir / "summary.json"
+        if not summary_path.exists():
+            log = out / f"{norm}-b{batch}.log"
+            out.mkdir(parents=True, exist_ok=True)
+            with open(log, "w") as f:
+                done = subprocess.run(
+                    run_command(plan, norm, batch, run_dir), stdout=f, stderr=subprocess.STDOUT, env=env
+                )
+            if done.returncode != 0:
+                raise UserError(f"sweep point {norm} batch {batch} failed (exit {done.returncode}); see {log}")
+        results[norm][batch] = json.loads(summary_path.read_text())["final_test_acc"]
+    return results

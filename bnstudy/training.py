@@ -1,0 +1,537 @@
+"""The CIFAR training loop, single process or DDP: data in memory with batched augmentation, evaluation on the
+unwrapped model, per-rank BN statistics, checkpoints and resume. ``launch/train_cifar.py`` is a thin CLI over
+:func:`train`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from bnstudy import __version__
+from bnstudy.bnstats import bn_layers, bn_statistics_report, sync_bn_buffers
+from bnstudy.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from bnstudy.data import (
+    DataError,
+    ImageDataset,
+    find_real_data,
+    load_images,
+    synthetic_images,
+    to_model_input,
+)
+from bnstudy.distributed import DistEnv, all_reduce_sum, main_print
+from bnstudy.errors import UserError
+from bnstudy.io import write_json
+from bnstudy.models import create_model
+from bnstudy.norms import NORM_KINDS
+
+EVAL_BN_MODES = ("local", "reduce", "broadcast", "precise")
+# DDP suggests forward_sync_buffers instead, but that still syncs buffers at init; we need rank-local BN buffers.
+warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; stored as ``config.json`` and inside checkpoints."""
+
+    out: str = "runs/cifar"
+    model: str = "resnet"
+    width: int | None = None
+    norm: str = "bn"
+    data: str = "auto"
+    download: bool = False
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    eval_bn: str = "reduce"
+    precise_bn_batches: int = 20
+    train_subset: int | None = None
+    test_subset: int | None = None
+    synthetic_size: int = 20000
+    channels_last: bool = True
+    resume: bool = False
+    profile: bool = False
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.norm not in NORM_KINDS:
+            raise UserError(f"unknown --norm {self.norm!r}; choose one of {', '.join(NORM_KINDS)}")
+        if self.eval_bn not in EVAL_BN_MODES:
+            raise UserError(f"unknown --eval-bn {self.eval_bn!r}; choose one of {', '.join(EVAL_BN_MODES)}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 2 and self.norm == "bn":
+            raise UserError("--batch-size 1 leaves BatchNorm one value per channel; use at least 2")
+
+    def model_kwargs(self) -> dict:
+        return {} if self.width is None else {"width": self.width}
+
+
+@dataclass
+class RunData:
+    train: ImageDataset
+    test: ImageDataset
+    description: str
+    synthetic: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def load_run_data(config: TrainConfig) -> RunData:
+    """Train and test sets for ``--data`` (auto | synthetic | PATH).
+
+    auto: real CIFAR-10 from $BNSTUDY_DATA, ./data or ../shared/data (or torchvision's download with
+    ``--download``), else the synthetic set. For an .npz directory holding ``test_lossless_first1000.npz``, that
+    exact subset is the test set (the rest of that test.npz is JPEG-degraded).
+    """
+    if config.data == "synthetic":
+        data = _synthetic(config, "--data synthetic")
+    elif config.data == "auto":
+        root = find_real_data("cifar10")
+        if root is not None:
+            data = _real(root, config)
+        elif config.download:
+            data = _real(Path("data/cifar10"), config)
+        else:
+            data = _synthetic(config, "no CIFAR-10 found ($BNSTUDY_DATA, ./data/cifar10, ../shared/data/cifar10)")
+    else:
+        data = _real(Path(config.data), config)
+    if config.train_subset:
+        data.train = data.train.subset(config.train_subset)
+    if config.test_subset:
+        data.test = data.test.subset(config.test_subset)
+    return data
+
+
+def _real(root: Path, config: TrainConfig) -> RunData:
+    train = load_images("cifar10", root, "train", download=config.download)
+    lossless = root / "test_lossless_first1000.npz"
+    test = load_images("cifar10", lossless if lossless.is_file() else root, "test", download=config.download)
+    return RunData(train, test, f"CIFAR-10 from {root} (test: {test.source}, {len(test)} images)")
+
+
+def _synthetic(config: TrainConfig, reason: str) -> RunData:
+    train = synthetic_images("cifar10", config.synthetic_size, seed=config.seed)
+    test = synthetic_images("cifar10", max(1000, config.synthetic_size // 10), seed=config.seed + 10_000)
+    note = f"WARNING: training on SYNTHETIC data ({reason}); accuracies say nothing about CIFAR-10"
+    return RunData(train, test, f"synthetic CIFAR-shaped data ({len(train)} train, {len(test)} test)", True, [note])
+
+
+def augment(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
+    """Random crop with reflect padding and horizontal flip for a uint8 (N, H, W, C) batch, as batched tensor ops."""
+    n, h, w, _ = x.shape
+    padded = nn.functional.pad(x.permute(0, 3, 1, 2).float(), (pad, pad, pad, pad), mode="reflect")
+    padded = padded.permute(0, 2, 3, 1).to(x.dtype)
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h)).view(n, h, 1)
+    cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, w)
+    flip = torch.rand(n, generator=generator) < 0.5
+    cols = torch.where(flip.view(n, 1, 1), cols.flip(2), cols)
+    return padded[torch.arange(n).view(n, 1, 1), rows, cols]
+
+
+class Trainer:
+    """One rank's view of a run. Every rank runs the same number of steps: sync BN and DDP issue collectives."""
+
+    def __init__(self, config: TrainConfig, env: DistEnv) -> None:
+        config.validate()
+        self.config, self.env = config, env
+        self.out = Path(config.out)
+        self.data = load_run_data(config)
+        torch.manual_seed(config.seed)
+        model = create_model(
+            config.model, config.norm, num_classes=len(self.data.train.classes), **config.model_kwargs()
+        )
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.model = model.to(env.device, memory_format=self.memory_format)
+        self.ddp = (
+            DistributedDataParallel(
+                self.model, device_ids=[env.device] if env.device.type == "cuda" else None, broadcast_buffers=False
+            )
+            if env.distributed
+            else self.model
+        )
+        self.sampler = DistributedSampler(
+            range(len(self.data.train)),
+            num_replicas=env.world_size,
+            rank=env.rank,
+            shuffle=True,
+            seed=config.seed,
+            drop_last=True,
+        )
+        self.steps_per_epoch = len(self.sampler) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"{len(self.data.train)} training images over {env.world_size} ranks is less than one "
+                f"batch of {config.batch_size}; lower --batch-size"
+            )
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=True,
+            weight_decay=config.weight_decay,
+        )
+        total = config.epochs * self.steps_per_epoch
+        warmup = max(1, int(config.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
+        )
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.start_epoch = 0
+        self.best_acc = 0.0
+        self.tb = None
+
+    # -- data ---------------------------------------------------------------------------------------------------
+    def _inputs(self, x: Tensor) -> Tensor:
+        d = self.data.train
+        return to_model_input(x, d.mean, d.std).to(self.env.device).contiguous(memory_format=self.memory_format)
+
+    def _train_batches(self, epoch: int):
+        self.sampler.set_epoch(epoch)
+        order = torch.tensor(list(self.sampler))
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch * 1009 + self.env.rank)
+        for step in range(self.steps_per_epoch):
+            idx = order[step * self.config.batch_size : (step + 1) * self.config.batch_size]
+            yield self._inputs(augment(self.data.train.x[idx], gen)), self.data.train.y[idx].to(self.env.device)
+
+    # -- one epoch ----------------------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int, profiler=None) -> dict:
+        self.ddp.train()
+        totals = torch.zeros(3, dtype=torch.float64)
+        start = time.perf_counter()
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{self.config.epochs}",
+            disable=not self.env.is_main,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for step, (x, y) in enumerate(self._train_batches(epoch)):
+            with _label("forward"):
+                logits = self.ddp(x)
+                loss = self.criterion(logits, y)
+            with _label("backward"):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            with _label("optimizer_step"):
+                self.optimizer.step()
+                self.scheduler.step()
+            stats = all_reduce_sum([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
+            if not math.isfinite(stats[0].item()):
+                raise UserError(
+                    f"non-finite loss at epoch {epoch + 1} step {step + 1}; "
+                    f"last good checkpoint: {self._last_checkpoint()} (lower --lr and --resume)"
+                )
+            totals += stats
+            if profiler is not None:
+                profiler.step()
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(
+                loss=f"{totals[0] / totals[2]:.3f}",
+                acc=f"{totals[1] / totals[2]:.3f}",
+                img_s=f"{totals[2] / elapsed:.0f}",
+            )
+            bar.update()
+        bar.close()
+        elapsed = time.perf_counter() - start
+        return {
+            "train_loss": (totals[0] / totals[2]).item(),
+            "train_acc": (totals[1] / totals[2]).item(),
+            "epoch_time_s": elapsed,
+            "images_per_s": totals[2].item() / elapsed,
+        }
+
+    def _last_checkpoint(self) -> str:
+        path = self.out / CHECKPOINT_NAME
+        return str(path) if path.exists() else "none yet"
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Loss and accuracy of the unwrapped model in eval mode; each rank scores a disjoint shard."""
+        model = self.model.eval()
+        test = self.data.test
+        totals = torch.zeros(3, dtype=torch.float64)
+        shard = torch.arange(self.env.rank, len(test), self.env.world_size)
+        for chunk in shard.split(512):
+            x, y = self._inputs(test.x[chunk]), test.y[chunk].to(self.env.device)
+            logits = model(x)
+            totals += torch.tensor(
+                [
+                    nn.functional.cross_entropy(logits, y, reduction="sum").item(),
+                    (logits.argmax(1) == y).sum().item(),
+                    len(y),
+                ],
+                dtype=torch.float64,
+            )
+        totals = all_reduce_sum(totals)
+        return {"test_loss": (totals[0] / totals[2]).item(), "test_acc": (totals[1] / totals[2]).item()}
+
+    def probe_batch(self) -> Tensor:
+        """A fixed training batch per rank, used to observe the statistics BN normalises with."""
+        order = torch.arange(self.env.rank, len(self.data.train), self.env.world_size)[: self.config.batch_size]
+        return self._inputs(self.data.train.x[order])
+
+    def precise_batches(self):
+        gen = torch.Generator().manual_seed(self.config.seed + 77 + self.env.rank)
+        for _ in range(self.config.precise_bn_batches):
+            idx = torch.randint(0, len(self.data.train), (self.config.batch_size,), generator=gen)
+            yield self._inputs(augment(self.data.train.x[idx], gen))
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    def _bn_buffers(self) -> dict[str, Tensor]:
+        return {
+            f"{name}.{b}": getattr(m, b).detach().cpu().clone()
+            for name, m in bn_layers(self.model)
+            for b in ("running_mean", "running_var")
+        }
+
+    def checkpoint_state(self, epoch: int) -> dict:
+        """Rank 0's model plus every rank's BN buffers (plain BN keeps them per rank)."""
+        mine = self._bn_buffers()
+        per_rank = [mine]
+        if self.env.distributed:
+            per_rank = [None] * self.env.world_size
+            dist.all_gather_object(per_rank, mine)
+        return {
+            "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch,
+            "best_acc": self.best_acc,
+            "rank_bn_buffers": per_rank,
+            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
+            "config": checkpoint_config(self.config, self.data),
+        }
+
+    def restore(self, state: dict) -> None:
+        saved = state["config"]
+        for key in ("model", "norm", "batch_size", "epochs", "seed", "width"):
+            if saved.get(key) != getattr(self.config, key):
+                raise UserError(
+                    f"{self.out / CHECKPOINT_NAME}: checkpoint has {key}={saved.get(key)!r} but this run "
+                    f"asks for {getattr(self.config, key)!r}; use the same options or a new --out"
+                )
+        if saved.get("world_size") != self.env.world_size:
+            raise UserError(
+                f"{self.out / CHECKPOINT_NAME}: checkpoint was written by {saved.get('world_size')} "
+                f"processes, this run has {self.env.world_size}; resume with the same --nproc_per_node"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(
+                f"{self.out / CHECKPOINT_NAME}: does not match this model ({str(exc).splitlines()[0]}); "
+                "start a new --out"
+            ) from None
+        buffers = state["rank_bn_buffers"][self.env.rank]
+        with torch.no_grad():
+            for name, value in buffers.items():
+                self.model.get_buffer(name).copy_(value)
+        torch.set_rng_state(state["rng"]["torch"])
+        self.start_epoch = state["epoch"]
+        self.best_acc = state.get("best_acc", 0.0)
+
+
+def _label(name: str):
+    return torch.profiler.record_function(name)
+
+
+def checkpoint_config(config: TrainConfig, data: RunData) -> dict:
+    """The plain-data description a checkpoint carries, enough to rebuild and deploy the model."""
+    d = data.train
+    return {
+        **asdict(config),
+        "num_classes": len(d.classes),
+        "model_kwargs": config.model_kwargs(),
+        "dataset": "cifar10",
+        "data_source": data.description,
+        "synthetic": data.synthetic,
+        "input_shape": [d.x.shape[3], d.x.shape[1], d.x.shape[2]],
+        "mean": list(d.mean),
+        "std": list(d.std),
+        "classes": list(d.classes),
+        "layout": "NCHW",
+        "world_size": _world_size(),
+    }
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+class RunDirectory:
+    """Rank 0's writer for runs/NAME: config.json, metrics.jsonl, bn_stats.jsonl, summary.json, tb/ scalars."""
+
+    def __init__(self, path: Path, resume_epoch: int) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "bn_stats.jsonl"):
+            _truncate_jsonl(path / name, resume_epoch)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(path / "tb"), purge_step=resume_epoch + 1 if resume_epoch else None)
+
+    def append(self, name: str, records: list[dict]) -> None:
+        with open(self.path / name, "a") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+
+    def scalars(self, epoch: int, metrics: dict) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "epoch":
+                self.tb.add_scalar(key, value, epoch)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def _truncate_jsonl(path: Path, keep_through_epoch: int) -> None:
+    """Drop records of epochs after the checkpoint, so a resumed run does not log an epoch twice."""
+    if not path.exists():
+        return
+    lines = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["epoch"] <= keep_through_epoch
+    ]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def environment_info(env: DistEnv) -> dict:
+    return {
+        "bnstudy": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "world_size": env.world_size,
+        "backend": env.backend,
+        "device": str(env.device),
+        "threads_per_process": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def train(config: TrainConfig, env: DistEnv) -> dict:
+    """Run (or resume) training; returns the summary. Rank 0 writes the run directory."""
+    trainer = Trainer(config, env)
+    for note in trainer.data.notes:
+        main_print(f"\n{'!' * 100}\n{note}\n{'!' * 100}\n")
+    out = trainer.out
+    if config.resume:
+        trainer.restore(load_checkpoint(out / CHECKPOINT_NAME, map_location=env.device))
+        main_print(f"resuming {out} after epoch {trainer.start_epoch}")
+    elif (out / CHECKPOINT_NAME).exists():
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    writer = RunDirectory(out, trainer.start_epoch) if env.is_main else None
+    if writer:
+        write_json(out / "config.json", {**checkpoint_config(config, trainer.data), **environment_info(env)})
+    main_print(
+        f"{config.model}/{config.norm} on {trainer.data.description}; {env.world_size} process(es), "
+        f"{config.batch_size}/process, backend {env.backend or 'none'}, device {env.device}"
+    )
+    profiler = _profiler(config, env) if config.profile else None
+    history = []
+    run_start = time.perf_counter()
+    try:
+        for epoch in range(trainer.start_epoch, config.epochs):
+            metrics = trainer.train_epoch(epoch, profiler)
+            if profiler is not None:
+                profiler.stop()
+                profiler = None
+            bn_records = bn_statistics_report(trainer.model, trainer.probe_batch())
+            sync_bn_buffers(trainer.model, config.eval_bn, trainer.precise_batches)
+            metrics.update(trainer.evaluate())
+            trainer.best_acc = max(trainer.best_acc, metrics["test_acc"])
+            metrics = {"epoch": epoch + 1, **metrics, "lr": trainer.scheduler.get_last_lr()[0]}
+            history.append(metrics)
+            state = trainer.checkpoint_state(epoch + 1)
+            if writer:
+                writer.append("metrics.jsonl", [metrics])
+                writer.append("bn_stats.jsonl", [{"epoch": epoch + 1, **r} for r in bn_records])
+                writer.scalars(epoch + 1, metrics)
+                save_checkpoint(out / CHECKPOINT_NAME, state)
+                main_print(
+                    f"epoch {epoch + 1}/{config.epochs}: train loss {metrics['train_loss']:.4f} "
+                    f"acc {metrics['train_acc']:.4f} | test loss {metrics['test_loss']:.4f} "
+                    f"acc {metrics['test_acc']:.4f} | {metrics['images_per_s']:.0f} img/s"
+                )
+    finally:
+        if profiler is not None:
+            profiler.stop()
+        if writer:
+            writer.close()
+    summary = summarise(out, env, trainer, time.perf_counter() - run_start)
+    if writer:
+        write_json(out / "summary.json", summary)
+    return summary
+
+
+def _profiler(config: TrainConfig, env: DistEnv):
+    from bnstudy.profiling import training_profiler
+
+    return training_profiler(Path(config.out), env.rank, enabled=True, label=f"{config.norm}")
+
+
+def summarise(out: Path, env: DistEnv, trainer: Trainer, wall_s: float) -> dict:
+    """Final numbers of the whole run (all epochs, including those before a resume) for summary.json."""
+    metrics_path = out / "metrics.jsonl"
+    if not env.is_main or not metrics_path.exists():
+        return {}
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    bn_path = out / "bn_stats.jsonl"
+    bn_rows = (
+        [json.loads(line) for line in bn_path.read_text().splitlines() if line.strip()] if bn_path.exists() else []
+    )
+    last = rows[-1] if rows else {}
+    final_bn = [r for r in bn_rows if r["epoch"] == last.get("epoch")]
+    return {
+        "run": str(out),
+        "model": trainer.config.model,
+        "norm": trainer.config.norm,
+        "world_size": env.world_size,
+        "batch_size_per_process": trainer.config.batch_size,
+        "global_batch": trainer.config.batch_size * env.world_size,
+        "epochs": len(rows),
+        "data": trainer.data.description,
+        "synthetic": trainer.data.synthetic,
+        "final_test_acc": last.get("test_acc"),
+        "best_test_acc": max((r["test_acc"] for r in rows), default=None),
+        "final_test_loss": last.get("test_loss"),
+        "final_train_loss": last.get("train_loss"),
+        "train_time_s": sum(r["epoch_time_s"] for r in rows),
+        "wall_time_s_this_session": wall_s,
+        "mean_images_per_s": sum(r["images_per_s"] for r in rows) / max(1, len(rows)),
+        "bn_running_mean_max_abs_diff": max((r["running_mean_max_abs_diff"] for r in final_bn), default=0.0),
+        "bn_running_var_max_rel_diff": max((r["running_var_max_rel_diff"] for r in final_bn), default=0.0),
+        "bn_batch_mean_spread": max((r["batch_mean_spread"] for r in final_bn), default=0.0),
+        "eval_bn": trainer.config.eval_bn,
+    }
+
+
+def config_from_json(path: Path) -> dict:
+    """Read a run's config.json (used by compare and export)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable run config ({exc}); is this a bnstudy run directory?") from None
