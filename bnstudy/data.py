@@ -166,10 +166,16 @@ def find_real_data(name: str) -> Path | None:
 
 
 def synthetic_images(
-    name: str = "cifar10", n: int = 5000, seed: int = 0, noise: float = 0.35, template_seed: int = 1234
+    name: str = "cifar10",
+    n: int = 5000,
+    seed: int = 0,
+    noise: float = 0.5,
+    separation: float = 0.5,
+    template_seed: int = 1234,
 ) -> ImageDataset:
-    """A learnable image set shaped like ``name``: each class is a smooth random colour template, and each
-    sample is its class template, randomly shifted (±3 px), contrast-jittered and noised.
+    """A learnable image set shaped like ``name``: each class is a smooth colour template (a shared pattern plus a
+    class-specific one scaled by ``separation``), and each sample is its class template, randomly shifted (±3 px),
+    contrast-jittered and noised.
 
     Templates depend only on ``template_seed``, so train and test sets drawn with different ``seed`` share the
     classes. A small CNN beats chance clearly within one short epoch; it is not linearly trivial.
@@ -178,7 +184,8 @@ def synthetic_images(
     h, w, c = spec.shape
     k = len(spec.classes)
     tgen = torch.Generator().manual_seed(template_seed)
-    coarse = torch.rand(k, c, 4, 4, generator=tgen)
+    shared = torch.rand(1, c, 4, 4, generator=tgen)
+    coarse = shared + separation * (torch.rand(k, c, 4, 4, generator=tgen) - 0.5)
     templates = torch.nn.functional.interpolate(coarse, size=(h + 6, w + 6), mode="bicubic", align_corners=False)
     gen = torch.Generator().manual_seed(seed)
     y = torch.randint(0, k, (n,), generator=gen)

@@ -39,40 +39,21 @@ class SweepPlan:
 QUICK = SweepPlan(epochs=1, data="synthetic", width=8, train_subset=512, test_subset=500, synthetic_size=2000)
 
 
+def torchrun_command(nproc: int, launcher_args: list[str]) -> list[str]:
+    """``torchrun --standalone --nproc_per_node=N -m bnstudy.launcher ARGS`` with this interpreter."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*torchrun, "-m", "bnstudy.launcher", *launcher_args]
+
+
 def run_command(plan: SweepPlan, norm: str, batch: int, out: Path) -> list[str]:
     """The torchrun command line of one sweep point."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={plan.nproc}",
-        "-m",
-        "bnstudy.launcher",
-        "--norm",
-        norm,
-        "--batch-size",
-        str(batch),
-        "--lr",
-        f"{plan.lr(batch):.6g}",
-        "--epochs",
-        str(plan.epochs),
-        "--data",
-        plan.data,
-        "--width",
-        str(plan.width),
-        "--seed",
-        str(plan.seed),
-        "--synthetic-size",
-        str(plan.synthetic_size),
-        "--out",
-        str(out),
-    ]
-    if plan.train_subset:
-        cmd += ["--train-subset", str(plan.train_subset)]
-    if plan.test_subset:
-        cmd += ["--test-subset", str(plan.test_subset)]
-    return cmd
+    options = {
+        "norm": norm, "batch-size": batch, "lr": f"{plan.lr(batch):.6g}", "epochs": plan.epochs, "data": plan.data,
+        "width": plan.width, "seed": plan.seed, "synthetic-size": plan.synthetic_size, "out": out,
+        "train-subset": plan.train_subset, "test-subset": plan.test_subset,
+    }  # fmt: skip
+    args = [item for key, value in options.items() if value is not None for item in (f"--{key}", str(value))]
+    return torchrun_command(plan.nproc, args)
 
 
 def run_sweep(plan: SweepPlan, out: Path) -> dict:

@@ -10,7 +10,6 @@ import math
 import platform
 import random
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,8 +38,6 @@ from bnstudy.models import create_model
 from bnstudy.norms import NORM_KINDS
 
 EVAL_BN_MODES = ("local", "reduce", "broadcast", "precise")
-# DDP suggests forward_sync_buffers instead, but that still syncs buffers at init; we need rank-local BN buffers.
-warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
 
 
 @dataclass

@@ -1,6 +1,16 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run the main job offline.
+# Set up (scripts/setup.sh) and run the main job offline: train the CIFAR CNN with plain BN and with SyncBN under
+# DDP (2 processes, gloo on CPU / nccl on GPU), then compare the two runs. Real CIFAR-10 is used when found
+# ($BNSTUDY_DATA, ./data/cifar10, ../shared/data/cifar10), else the built-in synthetic set (with a warning).
+# Outputs: runs/demo/. Knobs: EPOCHS, WIDTH, TRAIN_SUBSET, NPROC.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/bnstudy bench syncbn --steps 3 --rounds 1 --out runs/bench/syncbn.json
+export OMP_NUM_THREADS=1
+EPOCHS=${EPOCHS:-2} WIDTH=${WIDTH:-16} TRAIN_SUBSET=${TRAIN_SUBSET:-10000} NPROC=${NPROC:-2}
+rm -rf runs/demo
+for norm in bn syncbn; do
+  .venv/bin/torchrun --standalone --nproc_per_node="$NPROC" launch/train_cifar.py --norm "$norm" \
+    --epochs "$EPOCHS" --width "$WIDTH" --train-subset "$TRAIN_SUBSET" --out "runs/demo/$norm"
+done
+.venv/bin/bnstudy compare runs/demo/bn runs/demo/syncbn --out runs/demo
