@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
 # DDP suggests forward_sync_buffers over broadcast_buffers=False, but that still syncs buffers at init, and bnstudy
 # needs rank-local BN buffers to show how plain BN's statistics diverge.
 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)

@@ -64,11 +64,11 @@ def test_synthetic_set_is_deterministic_balanced_and_shares_classes_across_seeds
     assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
     counts = torch.bincount(a.y, minlength=10)
     assert counts.min() > 150
-    # class means computed on two different seeds agree: the templates are shared
-    c = synthetic_images(n=2000, seed=1)
-    mean_a = torch.stack([a.x[a.y == k].float().mean(0) for k in range(10)])
-    mean_c = torch.stack([c.x[c.y == k].float().mean(0) for k in range(10)])
-    assert (mean_a - mean_c).abs().mean() < 0.2 * (mean_a - mean_a.mean(0)).abs().mean() + 2
+    # class means from seed 0 classify samples drawn with seed 1 far above chance: the classes are shared
+    c = synthetic_images(n=1000, seed=1)
+    means = torch.stack([a.x[a.y == k].float().mean(0) for k in range(10)]).flatten(1)
+    nearest = torch.cdist(c.x.float().flatten(1), means).argmin(1)
+    assert (nearest == c.y).float().mean() > 0.3
 
 
 def test_to_model_input_normalises_per_channel():
