@@ -41,10 +41,11 @@ def all_reduce_polling(tensor: Tensor, group: dist.ProcessGroup) -> None:
     more than the all-reduce of a few hundred floats. Yielding keeps the core awake and still lets gloo's own
     threads run.
     """
-    work = dist.all_reduce(tensor, group=group, async_op=True)
-    while not work.is_completed():
-        os.sched_yield()
-    work.wait()
+    with torch.profiler.record_function("bnstudy.syncbn.all_reduce"):
+        work = dist.all_reduce(tensor, group=group, async_op=True)
+        while not work.is_completed():
+            os.sched_yield()
+        work.wait()
 
 
 def _channel_shape(x: Tensor) -> list[int]:

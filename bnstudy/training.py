@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
@@ -36,8 +37,10 @@ from bnstudy.errors import UserError
 from bnstudy.io import write_json
 from bnstudy.models import create_model
 from bnstudy.norms import NORM_KINDS
+from bnstudy.profiling import BACKWARD, DATA_LOADING, FORWARD, OPTIMIZER_STEP, training_profiler
 
 EVAL_BN_MODES = ("local", "reduce", "broadcast", "precise")
+PROFILED_STEPS = 5  # wait 1 + warm-up 1 + active 3: bnstudy.profiling.training_profiler's default schedule
 
 
 @dataclass
@@ -180,6 +183,11 @@ class Trainer:
                 f"{len(self.data.train)} training images over {env.world_size} ranks is less than one "
                 f"batch of {config.batch_size}; lower --batch-size"
             )
+        if config.profile and self.steps_per_epoch < PROFILED_STEPS:
+            raise UserError(
+                f"--profile records {PROFILED_STEPS} steps of the first epoch, but an epoch has only "
+                f"{self.steps_per_epoch}; use more data or a smaller --batch-size"
+            )
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
             lr=config.lr,
@@ -211,7 +219,7 @@ class Trainer:
             yield self._inputs(augment(self.data.train.x[idx], gen)), self.data.train.y[idx].to(self.env.device)
 
     # -- one epoch ----------------------------------------------------------------------------------------------
-    def train_epoch(self, epoch: int, profiler=None) -> dict:
+    def train_epoch(self, epoch: int, profiler) -> dict:
         self.ddp.train()
         totals = torch.zeros(3, dtype=torch.float64)
         start = time.perf_counter()
@@ -222,14 +230,17 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
-        for step, (x, y) in enumerate(self._train_batches(epoch)):
-            with _label("forward"):
+        batches = self._train_batches(epoch)
+        for step in range(self.steps_per_epoch):
+            with record_function(DATA_LOADING):
+                x, y = next(batches)
+            with record_function(FORWARD):
                 logits = self.ddp(x)
                 loss = self.criterion(logits, y)
-            with _label("backward"):
+            with record_function(BACKWARD):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-            with _label("optimizer_step"):
+            with record_function(OPTIMIZER_STEP):
                 self.optimizer.step()
                 self.scheduler.step()
             stats = all_reduce_sum([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
@@ -239,8 +250,7 @@ class Trainer:
                     f"last good checkpoint: {self._last_checkpoint()} (lower --lr and --resume)"
                 )
             totals += stats
-            if profiler is not None:
-                profiler.step()
+            profiler.step()
             elapsed = time.perf_counter() - start
             bar.set_postfix(
                 loss=f"{totals[0] / totals[2]:.3f}",
@@ -350,10 +360,6 @@ class Trainer:
         self.best_acc = state.get("best_acc", 0.0)
 
 
-def _label(name: str):
-    return torch.profiler.record_function(name)
-
-
 def checkpoint_config(config: TrainConfig, data: RunData) -> dict:
     """The plain-data description a checkpoint carries, enough to rebuild and deploy the model."""
     d = data.train
@@ -447,21 +453,19 @@ def train(config: TrainConfig, env: DistEnv) -> dict:
         f"{config.model}/{config.norm} on {trainer.data.description}; {env.world_size} process(es), "
         f"{config.batch_size}/process, backend {env.backend or 'none'}, device {env.device}"
     )
-    profiler = _profiler(config, env) if config.profile else None
-    history = []
+    profiler = training_profiler(out, env.rank, enabled=config.profile, label=config.norm)
+    profiler.start()
     run_start = time.perf_counter()
     try:
         for epoch in range(trainer.start_epoch, config.epochs):
             metrics = trainer.train_epoch(epoch, profiler)
-            if profiler is not None:
-                profiler.stop()
-                profiler = None
+            if epoch == trainer.start_epoch:
+                profiler.stop()  # the profiled steps are in the first epoch
             bn_records = bn_statistics_report(trainer.model, trainer.probe_batch())
             sync_bn_buffers(trainer.model, config.eval_bn, trainer.precise_batches)
             metrics.update(trainer.evaluate())
             trainer.best_acc = max(trainer.best_acc, metrics["test_acc"])
             metrics = {"epoch": epoch + 1, **metrics, "lr": trainer.scheduler.get_last_lr()[0]}
-            history.append(metrics)
             state = trainer.checkpoint_state(epoch + 1)
             if writer:
                 writer.append("metrics.jsonl", [metrics])
@@ -474,20 +478,12 @@ def train(config: TrainConfig, env: DistEnv) -> dict:
                     f"acc {metrics['test_acc']:.4f} | {metrics['images_per_s']:.0f} img/s"
                 )
     finally:
-        if profiler is not None:
-            profiler.stop()
         if writer:
             writer.close()
     summary = summarise(out, env, trainer, time.perf_counter() - run_start)
     if writer:
         write_json(out / "summary.json", summary)
     return summary
-
-
-def _profiler(config: TrainConfig, env: DistEnv):
-    from bnstudy.profiling import training_profiler
-
-    return training_profiler(Path(config.out), env.rank, enabled=True, label=f"{config.norm}")
 
 
 def summarise(out: Path, env: DistEnv, trainer: Trainer, wall_s: float) -> dict:
