@@ -225,6 +225,7 @@ class Trainer:
         start = time.perf_counter()
         bar = tqdm(
             total=self.steps_per_epoch,
+            mininterval=2.0,
             desc=f"epoch {epoch + 1}/{self.config.epochs}",
             disable=not self.env.is_main,
             leave=False,
