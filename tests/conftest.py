@@ -41,12 +41,13 @@ TINY = ["--data", "synthetic", "--synthetic-size", "1200", "--width", "8", "--ba
 
 @pytest.fixture(scope="session")
 def two_rank_runs(tmp_path_factory):
-    """One 2-process run per norm ("bn", "syncbn"), 2 epochs on synthetic data, shared by several tests."""
+    """One 2-process run per norm ("bn", "syncbn"), 2 epochs on synthetic data with profiler traces, shared by
+    several tests."""
     base = tmp_path_factory.mktemp("runs")
     runs = {}
     for norm in ("bn", "syncbn"):
         out = base / norm
-        done = torchrun(*TINY, "--epochs", "2", "--norm", norm, "--out", str(out), "--lr", "0.1")
+        done = torchrun(*TINY, "--epochs", "2", "--norm", norm, "--out", str(out), "--lr", "0.1", "--profile")
         assert done.returncode == 0, done.stderr[-3000:]
         runs[norm] = out
     return runs

@@ -69,6 +69,42 @@ def test_compare_prints_table_and_writes_plot(two_rank_runs, tmp_path):
     assert (tmp_path / "compare.png").stat().st_size > 10_000
 
 
+def test_profiled_runs_summarise_with_bn_sync_only_for_syncbn(two_rank_runs):
+    done = run_cli(
+        sys.executable,
+        "-m",
+        "bnstudy",
+        "trace",
+        "compare",
+        str(two_rank_runs["bn"]),
+        str(two_rank_runs["syncbn"]),
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    categories = json.loads(done.stdout)["categories"]
+    assert categories["bn_sync"]["a_ms"] == 0 and categories["bn_sync"]["b_ms"] > 0
+    assert (
+        "BN synchronisation"
+        in run_cli(sys.executable, "-m", "bnstudy", "trace", "summary", str(two_rank_runs["syncbn"])).stdout
+    )
+    for norm in ("bn", "syncbn"):
+        assert sorted(p.name.split(".")[0] for p in (two_rank_runs[norm] / "tb" / norm).iterdir()) == ["rank0", "rank1"]
+
+
+def test_profile_needs_enough_steps(tmp_path):
+    done = run_cli(
+        sys.executable,
+        str(ROOT / "launch" / "train_cifar.py"),
+        *TINY,
+        "--train-subset",
+        "64",
+        "--profile",
+        "--out",
+        str(tmp_path / "r"),
+    )
+    assert done.returncode == 2 and "--profile records 5 steps" in done.stderr
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
