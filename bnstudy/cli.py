@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from bnstudy import __version__
 from bnstudy.errors import UserError
 
-COMMAND_MODULES = ("compare", "study", "sweep", "syncbn_bench", "ddp_bench", "trace")
+COMMAND_MODULES = ("compare", "export", "study", "sweep", "trace", "syncbn_bench", "ddp_bench")
 
 
 class Registry:
