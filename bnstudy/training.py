@@ -68,6 +68,7 @@ class TrainConfig:
     synthetic_size: int = 20000
     channels_last: bool = True
     resume: bool = False
+    tta: bool = False
     profile: bool = False
     device: str = "auto"
 
@@ -274,7 +275,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss and accuracy of the unwrapped model in eval mode; each rank scores a disjoint shard."""
+        """Loss and accuracy of the unwrapped model in eval mode (with ``tta``, averaged over the image and its
+        mirror); each rank scores a disjoint shard."""
         model = self.model.eval()
         test = self.data.test
         totals = torch.zeros(3, dtype=torch.float64)
@@ -282,6 +284,8 @@ class Trainer:
         for chunk in shard.split(512):
             x, y = self._inputs(test.x[chunk]), test.y[chunk].to(self.env.device)
             logits = model(x)
+            if self.config.tta:  # average with the mirrored image, the one augmentation that is free to undo
+                logits = (logits + model(x.flip(3))) / 2
             totals += torch.tensor(
                 [
                     nn.functional.cross_entropy(logits, y, reduction="sum").item(),
