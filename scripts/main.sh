@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and run the main job offline: train the CIFAR CNN with plain BN and with SyncBN under
-# DDP (2 processes, gloo on CPU / nccl on GPU), then compare the two runs. Real CIFAR-10 is used when found
-# ($BNSTUDY_DATA, ./data/cifar10, ../shared/data/cifar10), else the built-in synthetic set (with a warning).
+# DDP (2 processes, gloo on CPU / nccl on GPU) with profiler traces, compare the runs and their traces, and export
+# the SyncBN model to ONNX with BN folded and parity verified. Real CIFAR-10 is used when found ($BNSTUDY_DATA,
+# ./data/cifar10, ../shared/data/cifar10), else the built-in synthetic set (with a warning).
 # Outputs: runs/demo/. Knobs: EPOCHS, WIDTH, TRAIN_SUBSET, NPROC.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,9 @@ EPOCHS=${EPOCHS:-2} WIDTH=${WIDTH:-16} TRAIN_SUBSET=${TRAIN_SUBSET:-10000} NPROC
 rm -rf runs/demo
 for norm in bn syncbn; do
   .venv/bin/torchrun --standalone --nproc_per_node="$NPROC" launch/train_cifar.py --norm "$norm" \
-    --epochs "$EPOCHS" --width "$WIDTH" --train-subset "$TRAIN_SUBSET" --out "runs/demo/$norm"
+    --epochs "$EPOCHS" --width "$WIDTH" --train-subset "$TRAIN_SUBSET" --profile --out "runs/demo/$norm"
 done
 .venv/bin/bnstudy compare runs/demo/bn runs/demo/syncbn --out runs/demo
+.venv/bin/bnstudy trace compare runs/demo/bn runs/demo/syncbn
+.venv/bin/bnstudy export runs/demo/syncbn --fold-bn --out runs/demo/syncbn.onnx --report runs/demo/export.json
+echo "main job done: runs/demo/ (compare.png, compare.json, traces under */tb/, syncbn.onnx, export.json)"
