@@ -17,3 +17,58 @@ def test_compare_of_a_non_run_is_one_line_error(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"bnstudy: error: {tmp_path}: not a run directory (no config.json); pass runs/NAME written by train_cifar.py"
     ]
+
+
+def test_training_benchmarks_write_ratios(tmp_path):
+    """Smoke test of the two DDP benchmarks at toy size: the numbers are meaningless, the plumbing is not."""
+    import json
+
+    syncbn = tmp_path / "syncbn.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bnstudy",
+            "bench",
+            "syncbn",
+            "--model",
+            "seed-cnn",
+            "--batches",
+            "4",
+            "--steps",
+            "2",
+            "--rounds",
+            "1",
+            "--out",
+            str(syncbn),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(syncbn.read_text())["results"]
+    assert row["images_per_rank"] == 4 and row["ratio"] == row["syncbn_step_s"] / row["bn_step_s"] > 0
+
+    ddp = tmp_path / "ddp.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bnstudy",
+            "bench",
+            "ddp",
+            "--model",
+            "seed-cnn",
+            "--global-batch",
+            "16",
+            "--steps",
+            "2",
+            "--out",
+            str(ddp),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(ddp.read_text())
+    assert result["ratio"] == result["ddp_2x1_images_per_s"] / result["single_process_2_threads_images_per_s"] > 0

@@ -4,39 +4,23 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
+from bnstudy.benchmarks.steps import training_step_times
 from bnstudy.distributed import spawn_gloo
 from bnstudy.models import create_model
 
 
-def _images_per_s(model: nn.Module, batch: int, steps: int, warmup: int, distributed: bool) -> float:
-    model = model.to(memory_format=torch.channels_last)
-    net = DistributedDataParallel(model, broadcast_buffers=False) if distributed else model
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-    for i in range(warmup + steps):
-        if i == warmup:
-            if distributed:
-                dist.barrier()
-            start = time.perf_counter()
-        loss = nn.functional.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return batch * steps / (time.perf_counter() - start)
+def _images_per_s(model: nn.Module, batch: int, steps: int) -> float:
+    return batch * steps / sum(training_step_times(model, batch, steps))
 
 
 def _ddp_worker(rank: int, world_size: int, model: str, norm: str, global_batch: int, steps: int, out: str) -> None:
     torch.manual_seed(0)
-    rate = _images_per_s(create_model(model, norm), global_batch // world_size, steps, 2, True)
+    rate = _images_per_s(create_model(model, norm), global_batch // world_size, steps)
     if rank == 0:
         Path(out).write_text(json.dumps({"per_rank_images_per_s": rate}))
 
@@ -47,7 +31,7 @@ def benchmark_ddp(model: str = "resnet", norm: str = "bn", global_batch: int = 5
     torch.set_num_threads(2)
     torch.manual_seed(0)
     try:
-        single = _images_per_s(create_model(model, norm), global_batch, steps, 2, False)
+        single = _images_per_s(create_model(model, norm), global_batch, steps)
     finally:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,34 +5,13 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
+from bnstudy.benchmarks.steps import training_step_times
 from bnstudy.distributed import spawn_gloo
 from bnstudy.models import create_model
-
-
-def _step_times(model: nn.Module, batch: int, steps: int, warmup: int) -> list[float]:
-    ddp = DistributedDataParallel(model, broadcast_buffers=False)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-    times = []
-    for i in range(warmup + steps):
-        dist.barrier()
-        start = time.perf_counter()
-        loss = nn.functional.cross_entropy(ddp(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
 
 
 def _worker(rank: int, world_size: int, model_name: str, batches: list[int], steps: int, rounds: int, out: str) -> None:
@@ -43,7 +22,7 @@ def _worker(rank: int, world_size: int, model_name: str, batches: list[int], ste
         models = {norm: create_model(model_name, norm).to(memory_format=torch.channels_last) for norm in per_norm}
         for _ in range(rounds):  # alternate so drift in machine load hits both alike
             for norm, model in models.items():
-                per_norm[norm] += _step_times(model, batch, steps, warmup=2)
+                per_norm[norm] += training_step_times(model, batch, steps)
         results[str(batch)] = per_norm
     if rank == 0:
         Path(out).write_text(json.dumps(results))

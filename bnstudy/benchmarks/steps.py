@@ -1,0 +1,35 @@
+"""Timed training steps on a synthetic CIFAR-shaped batch, shared by the training benchmarks."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def training_step_times(model: nn.Module, batch: int, steps: int, warmup: int = 2) -> list[float]:
+    """Seconds per SGD step (forward, backward, update) of ``model`` in channels_last, after ``warmup`` steps.
+
+    Under an initialised process group the model is wrapped in DDP (``broadcast_buffers=False``) and every step
+    starts at a barrier, so each rank times the same step."""
+    model = model.to(memory_format=torch.channels_last)
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    net = DistributedDataParallel(model, broadcast_buffers=False) if distributed else model
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    times = []
+    for i in range(warmup + steps):
+        if distributed:
+            dist.barrier()
+        start = time.perf_counter()
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
