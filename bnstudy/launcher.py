@@ -78,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="keep NCHW (channels_last is 1.4-1.5x faster on CPU)",
     )
-    p.add_argument("--tta", action="store_true", help="evaluate on each test image and its mirror image, averaged")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULTS.tta,
+        help="evaluate on each test image and its mirror image, averaged (default: on)",
+    )
     p.add_argument(
         "--profile",
         action="store_true",

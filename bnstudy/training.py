@@ -53,9 +53,9 @@ class TrainConfig:
     norm: str = "bn"
     data: str = "auto"
     download: bool = False
-    epochs: int = 10
+    epochs: int = 16
     batch_size: int = 256
-    lr: float = 0.2
+    lr: float = 0.4
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
@@ -68,7 +68,7 @@ class TrainConfig:
     synthetic_size: int = 20000
     channels_last: bool = True
     resume: bool = False
-    tta: bool = False
+    tta: bool = True
     profile: bool = False
     device: str = "auto"
 
