@@ -25,7 +25,6 @@ from bnstudy import __version__
 from bnstudy.bnstats import bn_layers, bn_statistics_report, sync_bn_buffers
 from bnstudy.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from bnstudy.data import (
-    DataError,
     ImageDataset,
     find_real_data,
     load_images,
@@ -204,7 +203,6 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.start_epoch = 0
         self.best_acc = 0.0
-        self.tb = None
 
     # -- data ---------------------------------------------------------------------------------------------------
     def _inputs(self, x: Tensor) -> Tensor:
@@ -245,7 +243,8 @@ class Trainer:
             with record_function(OPTIMIZER_STEP):
                 self.optimizer.step()
                 self.scheduler.step()
-            stats = all_reduce_sum([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
+            batch_stats = [loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)]
+            stats = all_reduce_sum(batch_stats, self.env.device).cpu()
             if not math.isfinite(stats[0].item()):
                 raise UserError(
                     f"non-finite loss at epoch {epoch + 1} step {step + 1}; "
@@ -294,7 +293,7 @@ class Trainer:
                 ],
                 dtype=torch.float64,
             )
-        totals = all_reduce_sum(totals)
+        totals = all_reduce_sum(totals, self.env.device).cpu()
         return {"test_loss": (totals[0] / totals[2]).item(), "test_acc": (totals[1] / totals[2]).item()}
 
     def probe_batch(self) -> Tensor:
@@ -525,11 +524,3 @@ def summarise(out: Path, env: DistEnv, trainer: Trainer, wall_s: float) -> dict:
         "bn_batch_mean_spread": max((r["batch_mean_spread"] for r in final_bn), default=0.0),
         "eval_bn": trainer.config.eval_bn,
     }
-
-
-def config_from_json(path: Path) -> dict:
-    """Read a run's config.json (used by compare and export)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: unreadable run config ({exc}); is this a bnstudy run directory?") from None
