@@ -275,3 +275,12 @@ def test_bad_input_gets_one_line_errors(run_dir, tmp_path, capsys):
     assert "does not exist" in _one_line_error(["trace", "compare", str(trace), str(tmp_path / "nope")], capsys)
     assert "holds 2 trace runs" in _one_line_error(["trace", "summary", str(run_dir)], capsys)
     assert "--top" in _one_line_error(["trace", "summary", str(trace), "--top", "0"], capsys)
+
+
+def test_bench_export_profile_traces_show_bn_only_before_folding(tmp_path):
+    from bnstudy.benchmarks.export import profile_folding
+
+    unfolded, folded = profile_folding(tmp_path, threads=1)
+    before, after = summarize(unfolded), summarize(folded)
+    assert before["mean"]["categories"]["bn_forward"]["ms"] > 0
+    assert after["mean"]["categories"]["bn_forward"]["ms"] == 0

@@ -243,3 +243,16 @@ def plot_export_benchmark(result: dict, path: str | Path) -> Path:
     path = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
     return path
+
+
+def profile_folding(run_dir: str | Path, threads: int = 2, seed: int = 0) -> tuple[Path, Path]:
+    """Profiler traces of the default CIFAR network's batch-1 eager inference before and after folding, under
+    ``<run_dir>/tb/unfolded`` and ``<run_dir>/tb/folded``, for ``bnstudy trace compare``."""
+    from bnstudy.profiling import profile_inference
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = randomize_batchnorm(CifarResNet(), torch.Generator().manual_seed(seed)).eval()
+    example = torch.randn(1, *INPUT_SHAPE)
+    folded = fold_batchnorm(model, example)
+    return profile_inference(model, example, run_dir, "unfolded"), profile_inference(folded, example, run_dir, "folded")

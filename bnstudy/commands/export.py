@@ -32,6 +32,11 @@ def register(registry) -> None:
     b.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     b.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads (default: 2)")
     b.add_argument("--out", type=Path, default=Path("runs/bench/export.json"), help="JSON result (PNG beside it)")
+    b.add_argument(
+        "--profile",
+        action="store_true",
+        help="also record profiler traces of eager inference, unfolded and folded, beside the JSON",
+    )
     b.set_defaults(func=run_bench)
 
 
@@ -211,7 +216,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from bnstudy.benchmarks.export import benchmark_export, plot_export_benchmark, print_export_benchmark
+    from bnstudy.benchmarks.export import (
+        benchmark_export,
+        plot_export_benchmark,
+        print_export_benchmark,
+        profile_folding,
+    )
     from bnstudy.errors import UserError
     from bnstudy.io import write_json
 
@@ -223,4 +233,7 @@ def run_bench(args: argparse.Namespace) -> int:
     write_json(args.out, result)
     png = plot_export_benchmark(result, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {png}")
+    if args.profile:
+        unfolded, folded = profile_folding(args.out.parent / "export-traces", threads=args.threads)
+        print(f"traces: {unfolded} and {folded}; compare with: bnstudy trace compare {unfolded} {folded}")
     return 0
