@@ -96,10 +96,8 @@ def free_port() -> int:
 def _local_worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple) -> None:
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world_size, *args)
+    shutdown()  # only after success: a rank whose fn raised must not wait at the barrier for the others
 
 
 def spawn_gloo(fn: Callable, world_size: int, *args, threads: int = 1) -> None:
