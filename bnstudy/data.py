@@ -155,6 +155,16 @@ def load_images(name: str, path: str | os.PathLike, split: str = "train", downlo
     return _load_torchvision(spec, path, split == "train", download)
 
 
+EXACT_TEST_FILE = "test_lossless_first1000.npz"
+
+
+def load_test_images(name: str, path: str | os.PathLike, download: bool = False) -> ImageDataset:
+    """The test split of ``path``, preferring ``test_lossless_first1000.npz`` when the directory holds it: the rest
+    of that CIFAR-10 ``test.npz`` was decoded from JPEG copies, so accuracy on it is lower."""
+    exact = Path(path) / EXACT_TEST_FILE
+    return load_images(name, exact if exact.is_file() else path, "test", download=download)
+
+
 def find_real_data(name: str) -> Path | None:
     """Where real ``name`` data lies on this machine ($BNSTUDY_DATA/<name>, ./data/<name>, ../shared/data/<name>)."""
     candidates = [Path(os.environ["BNSTUDY_DATA"]) / name] if "BNSTUDY_DATA" in os.environ else []

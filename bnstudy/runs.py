@@ -17,7 +17,6 @@ class Run:
     config: dict
     metrics: list[dict]
     bn_stats: list[dict]
-    summary: dict
 
     @property
     def name(self) -> str:
@@ -48,13 +47,12 @@ def read_run(path: str | Path) -> Run:
         raise UserError(f"{path}: not a run directory (no config.json); pass runs/NAME written by train_cifar.py")
     try:
         config = json.loads(config_path.read_text())
-        summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else {}
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: malformed config.json or summary.json ({exc.msg})") from None
+        raise UserError(f"{path}: malformed config.json ({exc.msg})") from None
     metrics = _jsonl(path / "metrics.jsonl")
     if not metrics:
         raise UserError(f"{path}: no completed epoch in metrics.jsonl; wait for the run or resume it")
-    return Run(path, config, metrics, _jsonl(path / "bn_stats.jsonl"), summary)
+    return Run(path, config, metrics, _jsonl(path / "bn_stats.jsonl"))
 
 
 def comparison_rows(runs: list[Run]) -> list[dict]:

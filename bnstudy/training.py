@@ -28,6 +28,7 @@ from bnstudy.data import (
     ImageDataset,
     find_real_data,
     load_images,
+    load_test_images,
     synthetic_images,
     to_model_input,
 )
@@ -123,8 +124,7 @@ def load_run_data(config: TrainConfig) -> RunData:
 
 def _real(root: Path, config: TrainConfig) -> RunData:
     train = load_images("cifar10", root, "train", download=config.download)
-    lossless = root / "test_lossless_first1000.npz"
-    test = load_images("cifar10", lossless if lossless.is_file() else root, "test", download=config.download)
+    test = load_test_images("cifar10", root, download=config.download)
     return RunData(train, test, f"CIFAR-10 from {root} (test: {test.source}, {len(test)} images)")
 
 
@@ -330,7 +330,7 @@ class Trainer:
             "best_acc": self.best_acc,
             "rank_bn_buffers": per_rank,
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
-            "config": checkpoint_config(self.config, self.data),
+            "config": checkpoint_config(self.config, self.data, self.env.world_size),
         }
 
     def restore(self, state: dict) -> None:
@@ -364,7 +364,7 @@ class Trainer:
         self.best_acc = state.get("best_acc", 0.0)
 
 
-def checkpoint_config(config: TrainConfig, data: RunData) -> dict:
+def checkpoint_config(config: TrainConfig, data: RunData, world_size: int) -> dict:
     """The plain-data description a checkpoint carries, enough to rebuild and deploy the model."""
     d = data.train
     return {
@@ -379,12 +379,8 @@ def checkpoint_config(config: TrainConfig, data: RunData) -> dict:
         "std": list(d.std),
         "classes": list(d.classes),
         "layout": "NCHW",
-        "world_size": _world_size(),
+        "world_size": world_size,
     }
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 class RunDirectory:
@@ -452,7 +448,9 @@ def train(config: TrainConfig, env: DistEnv) -> dict:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     writer = RunDirectory(out, trainer.start_epoch) if env.is_main else None
     if writer:
-        write_json(out / "config.json", {**checkpoint_config(config, trainer.data), **environment_info(env)})
+        write_json(
+            out / "config.json", {**checkpoint_config(config, trainer.data, env.world_size), **environment_info(env)}
+        )
     main_print(
         f"{config.model}/{config.norm} on {trainer.data.description}; {env.world_size} process(es), "
         f"{config.batch_size}/process, backend {env.backend or 'none'}, device {env.device}"

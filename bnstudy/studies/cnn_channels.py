@@ -20,7 +20,6 @@ from bnstudy.studies.training import torch_threads, train_seeds
 NAME = "cnn-channels"
 NORMS = ("bn", "none")
 SYNTHETIC_SIZES = (5000, 1000)
-EXACT_TEST_FILE = "test_lossless_first1000.npz"
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ def run(
     p = choose_params(Params(), QUICK, quick, overrides)
     stats = [channel_statistics(s) for s in seeds]
     bias = [bias_cancellation(s) for s in seeds]
-    train, test = load_train_test("cifar10", data, p.train_size, p.test_size, SYNTHETIC_SIZES, EXACT_TEST_FILE)
+    train, test = load_train_test("cifar10", data, p.train_size, p.test_size, SYNTHETIC_SIZES)
     split = as_split(train, test)
     with torch_threads(1):
         histories = {

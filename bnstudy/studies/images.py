@@ -12,6 +12,7 @@ from bnstudy.data import (
     TabularSplit,
     find_real_data,
     load_images,
+    load_test_images,
     synthetic_images,
     to_model_input,
 )
@@ -25,12 +26,11 @@ def load_train_test(
     train_size: int | None,
     test_size: int | None,
     synthetic_sizes: tuple[int, int],
-    test_file: str | None = None,
 ) -> tuple[ImageDataset, ImageDataset]:
     """Train and test sets of ``name``, the first ``train_size``/``test_size`` samples (None: all).
 
     ``data`` is a directory or torchvision root, ``"synthetic"``, or None to use real data when found.
-    ``test_file`` names a preferred test file inside a data directory (CIFAR-10's exact test images).
+    A directory holding CIFAR-10's exact test subset uses it (:func:`bnstudy.data.load_test_images`).
     """
     if data is None:
         root = find_real_data(name)
@@ -48,8 +48,7 @@ def load_train_test(
         test = synthetic_images(name, n=test_size or synthetic_sizes[1], seed=2)
         return train, test
     train = load_images(name, root, "train")
-    preferred = root / test_file if test_file else None
-    test = load_images(name, preferred if preferred and preferred.is_file() else root, "test")
+    test = load_test_images(name, root)
     return train.subset(train_size or len(train)), test.subset(test_size or len(test))
 
 
