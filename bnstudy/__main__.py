@@ -1,3 +1,3 @@
-from bnstudy.cli import main
+from bnstudy.commands import main
 
 raise SystemExit(main())

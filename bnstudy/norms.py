@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from bnstudy.syncbn import SyncBatchNorm
+from bnstudy.distributed.syncbn import SyncBatchNorm
 
 NORM_KINDS = ("bn", "syncbn", "gn", "none")
 _BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -18,7 +18,7 @@ def group_count(num_channels: int, max_groups: int = 32) -> int:
 def make_norm(kind: str, num_features: int, dim: int = 2) -> nn.Module:
     """A normalisation layer for ``num_features`` channels of ``dim``-D spatial data (1 also covers (N, C)).
 
-    kind: "bn" (``nn.BatchNorm{dim}d``), "syncbn" (:class:`bnstudy.syncbn.SyncBatchNorm`, works on CPU and
+    kind: "bn" (``nn.BatchNorm{dim}d``), "syncbn" (:class:`bnstudy.distributed.syncbn.SyncBatchNorm`, works on CPU and
     CUDA), "gn" (``nn.GroupNorm`` with up to 32 groups) or "none" (identity).
     """
     if dim not in _BATCH_NORMS:

@@ -19,9 +19,9 @@ import argparse
 import os
 import platform
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: make `deploy` importable from 
 import numpy as np
 import onnxruntime as ort
 
+from deploy import latency
 from deploy.edge import (
     EXECUTION_MODES,
     OPTIMIZATION_LEVELS,
@@ -38,7 +39,6 @@ from deploy.edge import (
     SessionConfig,
     atomic_write,
     first_line,
-    latency_summary,
     load_model,
     preprocess,
     write_json,
@@ -47,18 +47,6 @@ from deploy.edge import (
 PROG = "bench.py"
 BATCHES = (1, 64)
 TARGETS = {"int8_vs_fp32_throughput_b64": 1.5, "ort_fp32_vs_torch_latency_b1": 10.0}
-
-
-def time_calls(call: Callable[..., object], *args: Any, warmup: int, calls: int) -> list[float]:
-    """Seconds per call of ``call(*args)``, after ``warmup`` untimed calls (allocation, kernel selection, spin-up)."""
-    for _ in range(warmup):
-        call(*args)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        call(*args)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def available_cores() -> int:
@@ -92,8 +80,8 @@ def torch_runners(source: Path, thread_choices: Sequence[int]) -> list[Callable[
     try:
         import torch
 
-        from bnstudy.checkpoint import model_from_checkpoint
         from bnstudy.errors import UserError
+        from bnstudy.training.checkpoint import model_from_checkpoint
     except ImportError as exc:
         raise DeployError(f"--torch-source needs torch and bnstudy ({first_line(exc)}); leave it out here") from None
     try:
@@ -122,7 +110,8 @@ def _search(
         runner.prepare()
         row: dict[str, Any] = {"options": runner.options}
         for batch, x in feeds.items():
-            ms = latency_summary(time_calls(runner.call, x, warmup=2, calls=calls[batch]), batch)["p50_ms"]
+            seconds = latency.time_calls(partial(runner.call, x), warmup=2, calls=calls[batch])
+            ms = latency.latency_summary(seconds, batch)["p50_ms"]
             row[f"b{batch}_p50_ms"] = ms
             if ms < best_ms.get(batch, float("inf")):
                 best[batch], best_ms[batch] = runner, ms
@@ -134,13 +123,12 @@ def measure_interleaved(
     runners: dict[tuple[str, int], Runner], feeds: dict[int, np.ndarray], calls: dict[int, int], rounds: int
 ) -> dict[tuple[str, int], list[float]]:
     """Seconds per call for each (variant, batch) runner, alternating variants round by round."""
-    times: dict[tuple[str, int], list[float]] = {key: [] for key in runners}
-    for _ in range(rounds):
-        for (variant, batch), runner in runners.items():
-            runner.prepare()
-            block = time_calls(runner.call, feeds[batch], warmup=2, calls=max(1, calls[batch] // rounds))
-            times[(variant, batch)] += block
-    return times
+    return latency.measure_interleaved(
+        {key: partial(runner.call, feeds[key[1]]) for key, runner in runners.items()},
+        rounds=rounds,
+        per_round={key: max(1, calls[key[1]] // rounds) for key in runners},
+        prepare={key: runner.prepare for key, runner in runners.items()},
+    )
 
 
 def benchmark(
@@ -183,7 +171,7 @@ def benchmark(
         torch_difference = float(np.abs(ort_out - torch_out).max())
     times = measure_interleaved(best, feeds, calls, rounds)
     rows = [
-        {"variant": variant, "options": best[(variant, batch)].options} | latency_summary(seconds, batch)
+        {"variant": variant, "options": best[(variant, batch)].options} | latency.latency_summary(seconds, batch)
         for (variant, batch), seconds in times.items()
     ]
     return {

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -108,8 +107,8 @@ def open_session(path: str | os.PathLike, config: SessionConfig = SessionConfig(
 
 
 def read_metadata(session: ort.InferenceSession) -> dict[str, Any]:
-    """The ``bnstudy.*`` metadata of a loaded model, JSON values decoded: ``bnstudy.export.read_metadata`` without
-    the onnx package."""
+    """The ``bnstudy.*`` metadata of a loaded model, JSON values decoded: ``bnstudy.edge.onnx_export.read_metadata``
+    without the onnx package."""
     out = {}
     for key, value in session.get_modelmeta().custom_metadata_map.items():
         if not key.startswith(METADATA_PREFIX):
@@ -357,18 +356,3 @@ def run_batched(
         run_seconds.append(time.perf_counter() - t1)
         preprocess_seconds += t1 - t0
     return BatchedRun(np.concatenate(outputs), run_seconds, preprocess_seconds)
-
-
-def latency_summary(seconds: list[float], batch: int) -> dict[str, float]:
-    """Per-call p50/p95/mean in ms and images/s at the median, for calls of ``batch`` images each."""
-    ordered = sorted(seconds)
-    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    median = statistics.median(ordered)
-    return {
-        "batch": batch,
-        "calls": len(ordered),
-        "p50_ms": median * 1e3,
-        "p95_ms": p95 * 1e3,
-        "mean_ms": statistics.fmean(ordered) * 1e3,
-        "images_per_s": batch / median,
-    }

@@ -29,13 +29,13 @@ from deploy.edge import (
     ModelSpec,
     SessionConfig,
     atomic_write,
-    latency_summary,
     load_inputs,
     load_model,
     run_batched,
     softmax,
     top_k,
 )
+from deploy.latency import latency_summary
 
 PROG = "infer.py"
 

@@ -29,7 +29,7 @@ import logging
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,6 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from deploy.bench import measure_interleaved, ort_runner
 from deploy.edge import (
     METADATA_PREFIX,
     DeployError,
@@ -57,7 +56,6 @@ from deploy.edge import (
     SessionConfig,
     atomic_write,
     first_line,
-    latency_summary,
     load_inputs,
     load_model,
     preprocess,
@@ -65,6 +63,7 @@ from deploy.edge import (
     session_options,
     write_json,
 )
+from deploy.latency import latency_summary, measure_interleaved
 
 PROG = "quantize.py"
 CALIBRATION_METHODS = {
@@ -202,9 +201,15 @@ def latency_columns(paths: dict[str, Path], images: np.ndarray, threads: int) ->
     alternating round by round (bench.py measures longer and searches the session options)."""
     _, spec = load_model(next(iter(paths.values())))
     feeds = {batch: preprocess(np.resize(images, (batch, *images.shape[1:])), spec) for batch in LATENCY_CALLS}
-    runners = {name: ort_runner(name, path, SessionConfig(threads=threads)) for name, path in paths.items()}
+    sessions = {name: load_model(path, SessionConfig(threads=threads))[0] for name, path in paths.items()}
+
+    def call(session: ort.InferenceSession, x: np.ndarray) -> Callable[[], object]:
+        return lambda: session.run([spec.output_name], {spec.input_name: x})
+
     times = measure_interleaved(
-        {(name, batch): runner for name, runner in runners.items() for batch in LATENCY_CALLS}, feeds, LATENCY_CALLS, 3
+        {(name, batch): call(session, feeds[batch]) for name, session in sessions.items() for batch in LATENCY_CALLS},
+        rounds=3,
+        per_round={(name, batch): n // 3 for name in sessions for batch, n in LATENCY_CALLS.items()},
     )
     out: dict[str, dict[str, float]] = {name: {} for name in paths}
     for (name, batch), seconds in times.items():

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from bnstudy.data import DataError, find_real_data, load_images, synthetic_images, to_model_input, toy_classification
+from bnstudy.distributed.syncbn import SyncBatchNorm
 from bnstudy.models import MODELS, CifarResNet, create_model
 from bnstudy.norms import NORM_KINDS, make_norm
-from bnstudy.syncbn import SyncBatchNorm
 
 
 def _write_npz(directory, split="train", n=6, shape=(32, 32, 3), labels=None, dtype=np.uint8):

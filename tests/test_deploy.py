@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from bnstudy.checkpoint import save_checkpoint
 from bnstudy.data import (
     CIFAR10_CLASSES,
     CIFAR10_MEAN,
@@ -24,8 +23,9 @@ from bnstudy.data import (
     synthetic_images,
     to_model_input,
 )
-from bnstudy.export import export_onnx, read_metadata
+from bnstudy.edge.onnx_export import export_onnx, read_metadata
 from bnstudy.models import seed_cnn
+from bnstudy.training.checkpoint import save_checkpoint
 from deploy import bench, edge, infer, quantize
 from tests.conftest import ROOT, run_cli
 

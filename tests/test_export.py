@@ -11,12 +11,12 @@ import torch
 import torchvision
 from onnx import numpy_helper
 
-from bnstudy.checkpoint import save_checkpoint
-from bnstudy.cli import main
+from bnstudy.commands import main
 from bnstudy.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, find_real_data
-from bnstudy.export import BATCH_SIZES, count_nodes, export_onnx, read_metadata, verify_onnx
-from bnstudy.fold import randomize_batchnorm
+from bnstudy.edge.fold import randomize_batchnorm
+from bnstudy.edge.onnx_export import BATCH_SIZES, count_nodes, export_onnx, read_metadata, verify_onnx
 from bnstudy.models import CifarResNet, create_model, deep_mlp, mnist_mlp, seed_cnn, small_mlp
+from bnstudy.training.checkpoint import save_checkpoint
 
 MODELS = {
     "small_mlp": (lambda: small_mlp("bn"), (20,)),

@@ -12,11 +12,11 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse as torch_fx_fuse
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnstudy.distributed.syncbn import SyncBatchNorm, convert_sync_batchnorm
+from bnstudy.edge.fold import ChannelAffine, fold_batchnorm, fold_batchnorm_with_report, randomize_batchnorm
+from bnstudy.edge.onnx_export import relative_error
 from bnstudy.errors import UserError
-from bnstudy.export import relative_error
-from bnstudy.fold import ChannelAffine, fold_batchnorm, fold_batchnorm_with_report, randomize_batchnorm
 from bnstudy.models import CifarResNet, deep_mlp, mnist_mlp, seed_cnn, small_mlp
-from bnstudy.syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 EXACT = 1e-12  # float64 fold vs float64 unfused
 

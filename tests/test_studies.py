@@ -10,17 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from bnstudy.cli import main
+from bnstudy.commands import main
 from bnstudy.data import toy_classification
 from bnstudy.models import deep_mlp, small_mlp
 from bnstudy.studies import STUDIES, run_study
 from bnstudy.studies.cnn_channels import bias_cancellation, channel_statistics
+from bnstudy.studies.fitting import fit, shuffled_batches
 from bnstudy.studies.gradients import GradientRecorder, spread
 from bnstudy.studies.manual_bn import three_layer_example, worked_input
 from bnstudy.studies.modes import Params as ModesParams
 from bnstudy.studies.modes import compare_modes
 from bnstudy.studies.result import choose_params, is_quick, mean_std, mean_std_curves
-from bnstudy.studies.training import fit, shuffled_batches
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

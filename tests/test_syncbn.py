@@ -8,10 +8,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import bnstudy.syncbn as syncbn
-from bnstudy.distributed import spawn_gloo
+import bnstudy.distributed.syncbn as syncbn
+from bnstudy.distributed.process_group import spawn_gloo
+from bnstudy.distributed.syncbn import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 from bnstudy.models import seed_cnn
-from bnstudy.syncbn import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 
 C = 3
 SHAPES = {"bn1d-2d": (), "bn1d-3d": (5,), "bn2d": (4, 3), "bn3d": (2, 3, 2)}

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from bnstudy.profiling import trace_dir
-from tests.test_profiling import recorded_runs
+from bnstudy.training.run_directory import trace_dir
+from tests.test_traces import recorded_runs
 
 PLUGIN_TIMEOUT_S = 90
 

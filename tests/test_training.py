@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnstudy.checkpoint import load_checkpoint
-from bnstudy.training import augment
+from bnstudy.training.checkpoint import load_checkpoint
+from bnstudy.training.run_data import augment
 from tests.conftest import ROOT, TINY, free_port, run_cli, torchrun
 
 RUN_FILES = ("config.json", "metrics.jsonl", "bn_stats.jsonl", "summary.json", "checkpoint.pt")

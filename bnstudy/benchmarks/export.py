@@ -4,11 +4,13 @@ default level, measured in one run beside the machine's fp32 matmul rate."""
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -16,8 +18,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from bnstudy.export import export_onnx, ort_session
-from bnstudy.fold import fold_batchnorm, randomize_batchnorm
+from bnstudy.edge.fold import fold_batchnorm, randomize_batchnorm
+from bnstudy.edge.onnx_export import export_onnx, ort_session
+from bnstudy.errors import UserError
 from bnstudy.models import CifarResNet
 
 INPUT_SHAPE = (3, 32, 32)
@@ -91,19 +94,23 @@ def _runners(model: nn.Module, folded: nn.Module, unfolded_path: Path, folded_pa
     }
 
 
+def _latency_harness() -> ModuleType:
+    """``deploy/latency.py``, the harness the device-side tools use (it cannot import bnstudy, so bnstudy loads it
+    from the source tree beside the package)."""
+    path = Path(__file__).resolve().parents[2] / "deploy" / "latency.py"
+    if not path.is_file():
+        raise UserError(f"{path} is missing; run `bnstudy bench export` from a bnstudy source checkout")
+    spec = importlib.util.spec_from_file_location("bnstudy_deploy_latency", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _measure(runners: dict, x: np.ndarray, rounds: int, per_round: int, progress: tqdm) -> dict[str, list[float]]:
-    """Per-call seconds; variants alternate round by round so drift in machine load hits all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for run in runners.values():
-        run(x)  # warm-up: first-call allocation and kernel selection
-    for _ in range(rounds):
-        for name, run in runners.items():
-            for _ in range(per_round):
-                start = time.perf_counter()
-                run(x)
-                times[name].append(time.perf_counter() - start)
-            progress.update(1)
-    return times
+    """Per-call seconds of every runner on ``x``, the variants interleaved (see ``deploy/latency.py``)."""
+    calls = {name: partial(run, x) for name, run in runners.items()}
+    harness = _latency_harness()
+    return harness.measure_interleaved(calls, rounds=rounds, per_round=per_round, warmup=1, after_block=progress.update)
 
 
 def benchmark_export(threads: int = 2, quick: bool = False, seed: int = 0) -> dict:
@@ -115,7 +122,7 @@ def benchmark_export(threads: int = 2, quick: bool = False, seed: int = 0) -> di
     models = _models()
     matmul_times: list[float] = []
     steps = len(models) * (len(VARIANTS) + 1) * (b1_rounds + big_rounds)
-    progress = tqdm(total=steps, desc="bench export", unit="step")
+    progress = tqdm(total=steps, desc="bench export", unit="step", disable=None)  # None: off without a terminal
     results = []
     for name, build in models.items():
         torch.manual_seed(seed)
@@ -214,14 +221,12 @@ def print_export_benchmark(result: dict) -> None:
 
 def plot_export_benchmark(result: dict, path: str | Path) -> Path:
     """Bar chart: batch-1 latency and batch-256 throughput per variant, one group of bars per model."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from bnstudy.io import save_png
 
-    from bnstudy.io import atomic_write
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2)
     models = [m["model"] for m in result["results"]]
     width = 0.8 / len(VARIANTS)
     for i, variant in enumerate(VARIANTS):
@@ -239,16 +244,13 @@ def plot_export_benchmark(result: dict, path: str | Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_yscale("log")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    path = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def profile_folding(run_dir: str | Path, threads: int = 2, seed: int = 0) -> tuple[Path, Path]:
     """Profiler traces of the default CIFAR network's batch-1 eager inference before and after folding, under
     ``<run_dir>/tb/unfolded`` and ``<run_dir>/tb/folded``, for ``bnstudy trace compare``."""
-    from bnstudy.profiling import profile_inference
+    from bnstudy.traces.record import profile_inference
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

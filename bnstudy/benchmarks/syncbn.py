@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from bnstudy.benchmarks.steps import training_step_times
-from bnstudy.distributed import spawn_gloo
+from bnstudy.distributed.process_group import spawn_gloo
 from bnstudy.models import create_model
 
 

@@ -16,8 +16,8 @@ def register(registry) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bnstudy.io import write_json
-    from bnstudy.run_plots import plot_comparison
-    from bnstudy.runs import comparison_rows, format_table, read_run
+    from bnstudy.training.compare import comparison_rows, format_table, plot_comparison
+    from bnstudy.training.run_directory import read_run
 
     runs = [read_run(path) for path in args.runs]
     rows = comparison_rows(runs)

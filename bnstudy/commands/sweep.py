@@ -27,8 +27,7 @@ def register(registry) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bnstudy.io import write_json
-    from bnstudy.run_plots import plot_sweep
-    from bnstudy.sweep import QUICK, SweepPlan, run_sweep
+    from bnstudy.training.sweep import QUICK, SweepPlan, plot_sweep, run_sweep
 
     plan = QUICK if args.quick else SweepPlan()
     overrides = {

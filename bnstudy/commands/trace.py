@@ -113,7 +113,7 @@ def format_comparison(comparison: dict) -> str:
 
 
 def run_summary(args: argparse.Namespace) -> int:
-    from bnstudy.profiling import summarize
+    from bnstudy.traces.attribution import summarize
 
     summary = summarize(args.path, top=_positive_top(args.top))
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
@@ -121,7 +121,7 @@ def run_summary(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from bnstudy.profiling import compare
+    from bnstudy.traces.attribution import compare
 
     comparison = compare(args.a, args.b, top=_positive_top(args.top))
     print(json.dumps(comparison, indent=2) if args.json else format_comparison(comparison))
@@ -132,7 +132,7 @@ def run_view(args: argparse.Namespace) -> int:
     import signal
 
     from bnstudy.errors import UserError
-    from bnstudy.profiling import tensorboard_server
+    from bnstudy.traces.tensorboard import tensorboard_server
 
     # `kill` (SIGTERM) then stops TensorBoard too, like Ctrl-C, instead of leaving it running.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

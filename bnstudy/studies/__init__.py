@@ -1,7 +1,9 @@
 """The seed notebooks' experiments as studies. Each ``bnstudy.studies.<module>.run(seeds, quick, ...)`` returns a
-:class:`~bnstudy.studies.result.StudyResult`; :mod:`bnstudy.plots` draws its figures.
+:class:`~bnstudy.studies.result.StudyResult`; :mod:`bnstudy.studies.figures` draws its figures.
 
-This module imports no study (nor torch), so ``bnstudy --help`` can list the studies cheaply.
+This module imports no study (nor torch), so ``bnstudy --help`` can list the studies cheaply. Studies may import
+the shared building blocks (data, models, norms, reference, io); never training, edge, traces, benchmarks or
+commands. Their figures (figures) and fitting helpers (fitting) live here too.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def run_study(
 
 def save_study(result: StudyResult, out: str | os.PathLike) -> list[Path]:
     """Write ``<out>/<name>/result.json`` and the study's figures as PNGs beside it."""
-    from bnstudy.plots import save_figures, study_figures
+    from bnstudy.studies.figures import save_figures, study_figures
 
     directory = Path(out) / result.name
     return [result.save(directory), *save_figures(study_figures(result), directory)]

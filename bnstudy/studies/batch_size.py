@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 
 from bnstudy.data import toy_classification
 from bnstudy.models import small_mlp
+from bnstudy.studies.fitting import torch_threads, train_seeds
 from bnstudy.studies.result import DEFAULT_SEEDS, Check, StudyResult, choose_params, history_summary
-from bnstudy.studies.training import torch_threads, train_seeds
 
 NAME = "batch-size"
 

@@ -9,8 +9,8 @@ from functools import partial
 
 from bnstudy.data import TabularSplit, toy_classification
 from bnstudy.models import deep_mlp
+from bnstudy.studies.fitting import torch_threads, train_seeds
 from bnstudy.studies.result import DEFAULT_SEEDS, Check, StudyResult, choose_params, history_summary, mean_std
-from bnstudy.studies.training import torch_threads, train_seeds
 
 NAME = "bn-vs-nobn"
 NORMS = ("bn", "none")

@@ -13,9 +13,9 @@ from torch import nn
 
 from bnstudy import reference as ref
 from bnstudy.models import seed_cnn
+from bnstudy.studies.fitting import torch_threads, train_seeds
 from bnstudy.studies.images import as_split, load_train_test
 from bnstudy.studies.result import DEFAULT_SEEDS, Check, StudyResult, choose_params, history_summary, mean_std
-from bnstudy.studies.training import torch_threads, train_seeds
 
 NAME = "cnn-channels"
 NORMS = ("bn", "none")

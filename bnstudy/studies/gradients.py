@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from bnstudy.data import TabularSplit, toy_classification
 from bnstudy.models import deep_mlp
+from bnstudy.studies.fitting import fit, loss_and_correct, seeded_model, torch_threads
 from bnstudy.studies.result import DEFAULT_SEEDS, Check, StudyResult, choose_params, mean_std, mean_std_curves
-from bnstudy.studies.training import fit, loss_and_correct, seeded_model, torch_threads
 
 NAME = "gradients"
 NORMS = ("bn", "none")

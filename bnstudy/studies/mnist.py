@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 from functools import partial
 
 from bnstudy.models import mnist_mlp
+from bnstudy.studies.fitting import torch_threads, train_seeds
 from bnstudy.studies.images import as_split, load_train_test
 from bnstudy.studies.result import DEFAULT_SEEDS, Check, StudyResult, choose_params, history_summary, mean_std
-from bnstudy.studies.training import torch_threads, train_seeds
 
 NAME = "mnist"
 NORMS = ("bn", "none")

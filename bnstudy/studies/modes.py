@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from bnstudy.data import TabularSplit, toy_classification
 from bnstudy.models import small_mlp
+from bnstudy.studies.fitting import fit, seeded_model, torch_threads
 from bnstudy.studies.result import DEFAULT_SEEDS, Check, StudyResult, choose_params, mean_std
-from bnstudy.studies.training import fit, seeded_model, torch_threads
 
 NAME = "modes"
 

@@ -9,12 +9,12 @@ backward, doing the elementwise work with the native batch-norm kernels.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules._functions import SyncBatchNorm as _CudaSyncBatchNormFunction
+
+from bnstudy.distributed.collectives import all_reduce_polling, world_group_for_syncbn
 
 __all__ = ["SyncBatchNorm", "BatchNormXd", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
@@ -32,20 +32,6 @@ def combine_statistics(counts: Tensor, means: Tensor, variances: Tensor) -> tupl
     mean = (weights * means).sum(0)
     var = (weights * (variances + (means - mean) ** 2)).sum(0)
     return total, mean, var
-
-
-def all_reduce_polling(tensor: Tensor, group: dist.ProcessGroup) -> None:
-    """In-place sum over ``group``, waiting by polling with ``sched_yield`` rather than blocking.
-
-    A blocked waiter lets its CPU go idle, and on virtual machines waking an idle CPU can cost milliseconds: far
-    more than the all-reduce of a few hundred floats. Yielding keeps the core awake and still lets gloo's own
-    threads run.
-    """
-    with torch.profiler.record_function("bnstudy.syncbn.all_reduce"):
-        work = dist.all_reduce(tensor, group=group, async_op=True)
-        while not work.is_completed():
-            os.sched_yield()
-        work.wait()
 
 
 def _channel_shape(x: Tensor) -> list[int]:
@@ -125,21 +111,6 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-_syncbn_groups: dict[object, dist.ProcessGroup] = {}
-
-
-def _world_group_for_syncbn() -> dist.ProcessGroup:
-    """A second group over all ranks, created once per default group.
-
-    Gloo runs a group's collectives in order, so on the default group a sync-BN all-reduce in backward would
-    wait behind DDP's gradient buckets queued before it; its own group lets the two overlap.
-    """
-    world = dist.group.WORLD
-    if world not in _syncbn_groups:
-        _syncbn_groups[world] = dist.new_group(backend=dist.get_backend(world))
-    return _syncbn_groups[world]
-
-
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics span all ranks of ``process_group``, on CPU (gloo) and CUDA (nccl).
 
@@ -185,7 +156,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             return nn.functional.batch_norm(
                 input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps
             )
-        group = self.process_group or _world_group_for_syncbn()
+        group = self.process_group or world_group_for_syncbn()
         function = _CudaSyncBatchNormFunction if input.device.type in _ACCELERATORS else _CpuSyncBatchNormFunction
         return function.apply(
             input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group, world_size

@@ -15,7 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from bnstudy.io import atomic_write
+from bnstudy.io import save_png
 from bnstudy.studies.result import StudyResult, mean_std
 
 NORM_STYLE = {"bn": {"color": "tab:blue", "label": "with BN"}, "none": {"color": "tab:orange", "label": "no BN"}}
@@ -212,7 +212,4 @@ def study_figures(result: StudyResult) -> dict[str, Figure]:
 
 def save_figures(figures: dict[str, Figure], directory: str | os.PathLike) -> list[Path]:
     """Write each figure as ``<directory>/<name>.png``, atomically."""
-    return [
-        atomic_write(Path(directory) / f"{name}.png", lambda tmp, f=fig: f.savefig(tmp, format="png", dpi=110))
-        for name, fig in figures.items()
-    ]
+    return [save_png(fig, Path(directory) / f"{name}.png", dpi=110) for name, fig in figures.items()]

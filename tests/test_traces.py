@@ -18,11 +18,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.profiler import record_function
 
-from bnstudy.cli import main
-from bnstudy.distributed import all_reduce_sum, spawn_gloo
+from bnstudy.commands import main
+from bnstudy.distributed.process_group import all_reduce_sum, spawn_gloo
 from bnstudy.models import seed_cnn
-from bnstudy.profiling import (
-    BACKWARD,
+from bnstudy.traces.attribution import (
     BN_BACKWARD,
     BN_FORWARD,
     BN_SYNC,
@@ -30,16 +29,13 @@ from bnstudy.profiling import (
     CONV_LINEAR,
     DATA,
     DDP_ALLREDUCE,
-    FORWARD,
     OPTIMIZER,
-    OPTIMIZER_STEP,
     classify,
     find_traces,
-    profile_inference,
     summarize,
-    trace_dir,
-    training_profiler,
 )
+from bnstudy.traces.record import BACKWARD, FORWARD, OPTIMIZER_STEP, profile_inference, training_profiler
+from bnstudy.training.run_directory import trace_dir
 
 NORMS = ("bn", "syncbn")
 LAG_S = 0.05  # rank 1 starts every step this late, so rank 0 waits for it inside a collective

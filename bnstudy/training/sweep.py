@@ -3,16 +3,18 @@ job, and test accuracy against per-process batch size (Wu & He 2018, figure 1, o
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from bnstudy.errors import UserError
+from bnstudy.io import save_png
+from bnstudy.training.run_directory import read_summary
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,9 @@ QUICK = SweepPlan(epochs=1, data="synthetic", width=8, train_subset=512, test_su
 
 
 def torchrun_command(nproc: int, launcher_args: list[str]) -> list[str]:
-    """``torchrun --standalone --nproc_per_node=N -m bnstudy.launcher ARGS`` with this interpreter."""
+    """``torchrun --standalone --nproc_per_node=N -m bnstudy.training.launcher ARGS`` with this interpreter."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return [*torchrun, "-m", "bnstudy.launcher", *launcher_args]
+    return [*torchrun, "-m", "bnstudy.training.launcher", *launcher_args]
 
 
 def run_command(plan: SweepPlan, norm: str, batch: int, out: Path) -> list[str]:
@@ -63,8 +65,8 @@ def run_sweep(plan: SweepPlan, out: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for norm, batch in tqdm(points, desc="sweep", unit="run"):
         run_dir = out / f"{norm}-b{batch}"
-        summary_path = run_dir / "summary.json"
-        if not summary_path.exists():
+        summary = read_summary(run_dir)
+        if summary is None:
             log = out / f"{norm}-b{batch}.log"
             out.mkdir(parents=True, exist_ok=True)
             with open(log, "w") as f:
@@ -73,5 +75,22 @@ def run_sweep(plan: SweepPlan, out: Path) -> dict:
                 )
             if done.returncode != 0:
                 raise UserError(f"sweep point {norm} batch {batch} failed (exit {done.returncode}); see {log}")
-        results[norm][batch] = json.loads(summary_path.read_text())["final_test_acc"]
+            summary = read_summary(run_dir)
+        results[norm][batch] = summary["final_test_acc"]
     return results
+
+
+def plot_sweep(results: dict[str, dict[int, float]], path: Path, title: str) -> Path:
+    """Test accuracy against per-process batch size, one line per norm (the Group Norm paper's figure 1)."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for norm, by_batch in results.items():
+        batches = sorted(by_batch)
+        ax.plot(batches, [100 * by_batch[b] for b in batches], marker="o", label=norm)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("images per process")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_png(fig, path)

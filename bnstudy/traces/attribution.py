@@ -1,9 +1,5 @@
-"""Profiler traces for the BatchNorm questions: where does a training step's time go, and what does folding BN
-save at inference?
-
-Recording writes torch.profiler traces in the layout TensorBoard's profiler plugin (torch-tb-profiler) reads:
-``<run dir>/tb/<label>/<worker>.<ns>.pt.trace.json.gz``, one folder per run and one worker per rank. Reading does
-not need that plugin (it is deprecated upstream): it attributes each profiled step's time on the thread that ran
+"""Trace attribution: where did a profiled step's time go? Reading does not need TensorBoard's profiler plugin
+(it is deprecated upstream): it attributes each profiled step's time on the thread that ran
 the step to BN forward, BN backward, BN synchronisation, convolution/linear, DDP gradient all-reduce, optimizer,
 data loading and other, on CPU traces too.
 
@@ -24,37 +20,18 @@ Attribution rules:
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from bnstudy.distributed.collectives import SYNCBN_LABEL_PREFIX
 from bnstudy.errors import UserError
-from bnstudy.io import atomic_write
-
-if TYPE_CHECKING:
-    import torch
-
-# record_function labels the training loop puts around its phases; they show in TensorBoard's trace view.
-FORWARD = "forward"
-BACKWARD = "backward"
-OPTIMIZER_STEP = "optimizer_step"
-DATA_LOADING = "data_loading"
-# Any record_function label starting with this counts as BN synchronisation, wherever it sits.
-SYNCBN_LABEL_PREFIX = "bnstudy.syncbn."
+from bnstudy.traces.record import DATA_LOADING, OPTIMIZER_STEP, TRACE_FILE
 
 BN_FORWARD = "bn_forward"
 BN_BACKWARD = "bn_backward"
@@ -74,118 +51,6 @@ CATEGORY_LABELS = {
     DATA: "data loading",
     OTHER: "other",
 }
-
-TRACE_FILE = re.compile(r"^(?P<worker>.*?)(\.\d+)?\.pt\.trace\.json(\.gz)?$")  # torch-tb-profiler's pattern
-
-
-class _NoProfiler:
-    """What :func:`training_profiler` returns when profiling is off: torch's profiler interface, doing nothing."""
-
-    def __enter__(self) -> _NoProfiler:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
-
-    def start(self) -> None:
-        """Nothing to start."""
-
-    def step(self) -> None:
-        """Nothing to advance."""
-
-    def stop(self) -> None:
-        """Nothing to stop."""
-
-
-def trace_dir(run_dir: str | Path, label: str) -> Path:
-    """Where the traces of ``label`` go: ``<run_dir>/tb/<label>``, one TensorBoard profiler run."""
-    return Path(run_dir) / "tb" / label
-
-
-def _write_gzipped(source: Path, target: Path) -> None:
-    with source.open("rb") as src, gzip.open(target, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-
-
-def _trace_writer(directory: Path, worker: str) -> Callable[[Any], None]:
-    """An ``on_trace_ready`` handler writing what ``tensorboard_trace_handler(dir, worker, use_gzip=True)`` writes,
-    atomically: the TensorBoard plugin loads a run once, so it must never find a half-written file."""
-
-    def write(prof) -> None:
-        path = directory / f"{worker}.{time.time_ns()}.pt.trace.json.gz"
-        with tempfile.TemporaryDirectory() as tmp:
-            raw = Path(tmp) / "trace.json"
-            prof.export_chrome_trace(str(raw))
-            atomic_write(path, lambda target: _write_gzipped(raw, target))
-
-    return write
-
-
-def _profiler(directory: Path, worker: str, wait: int, warmup: int, active: int, with_stack: bool):
-    import torch
-    from torch.profiler import ProfilerActivity, profile, schedule
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    return profile(
-        activities=activities,
-        schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=1),
-        on_trace_ready=_trace_writer(directory, worker),
-        record_shapes=True,
-        with_stack=with_stack,
-    )
-
-
-def training_profiler(
-    run_dir: str | Path,
-    rank: int,
-    *,
-    enabled: bool,
-    wait: int = 1,
-    warmup: int = 1,
-    active: int = 3,
-    with_stack: bool = False,
-    label: str = "train",
-):
-    """A profiler for the training loop: use it as a context manager around the loop (or call ``.start()`` and
-    ``.stop()``) and call ``.step()`` once after every training step. It skips ``wait`` steps, warms up for
-    ``warmup``, records the next ``active`` steps once, and writes
-    ``<run_dir>/tb/<label>/rank<rank>.<ns>.pt.trace.json.gz`` (CPU activity, CUDA too when present, input shapes,
-    Python stacks with ``with_stack``) when they end, or at stop if the loop ends first; a loop shorter than
-    ``wait + warmup + 1`` steps writes nothing. With ``enabled=False`` it is a no-op object.
-    Wrap the loop's phases in ``torch.profiler.record_function(FORWARD | BACKWARD | OPTIMIZER_STEP |
-    DATA_LOADING)`` so they show as labelled spans in TensorBoard."""
-    if not enabled:
-        return _NoProfiler()
-    return _profiler(trace_dir(run_dir, label), f"rank{rank}", wait, warmup, active, with_stack)
-
-
-def profile_inference(
-    model: torch.nn.Module,
-    example_input: torch.Tensor | tuple[torch.Tensor, ...],
-    run_dir: str | Path,
-    label: str,
-    *,
-    steps: int = 10,
-    warmup: int = 2,
-) -> Path:
-    """Profile ``steps`` eval-mode forward passes (after ``warmup`` unrecorded ones) of ``model`` on
-    ``example_input`` and write the trace to ``<run_dir>/tb/<label>/`` as worker ``rank0``; returns that folder.
-    Profile an unfolded and a folded model under two labels and ``bnstudy trace compare`` the folders."""
-    import torch
-
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    directory = trace_dir(run_dir, label)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), _profiler(directory, "rank0", 0, warmup, steps, False) as prof:
-            for _ in range(warmup + steps):
-                with torch.profiler.record_function(FORWARD):
-                    model(*inputs)
-                prof.step()
-    finally:
-        model.train(was_training)
-    return directory
 
 
 # ---------------------------------------------------------------- finding and reading traces
@@ -557,100 +422,3 @@ def compare(path_a: str | Path, path_b: str | Path, top: int = 10) -> dict:
         "categories": categories,
         "ops": ops,
     }
-
-
-# ---------------------------------------------------------------- TensorBoard
-
-
-def tensorboard_logdir(path: str | Path) -> Path:
-    """The TensorBoard log directory that shows the traces at ``path``: for a trace file or a run folder, the
-    folder above the run (so the run is named by its label); for a run directory, its ``tb/``."""
-    path = Path(path)
-    if path.is_file():
-        return path.parent.parent
-    if not path.is_dir():
-        raise UserError(f"{path} does not exist; pass a trace file, a run directory or a TensorBoard run folder")
-    if any(TRACE_FILE.match(p.name) for p in path.iterdir() if p.is_file()):
-        return path.parent
-    if not any(TRACE_FILE.match(p.name) for p in path.rglob("*")):
-        raise UserError(f"{path}: no profiler traces (*.pt.trace.json[.gz]) found; record some with --profile")
-    return path / "tb" if (path / "tb").is_dir() else path
-
-
-_ABSL_ERROR = re.compile(r"^[EF]\d{4} \S+ \d+ \S+\] (?P<message>.+)$")
-
-
-@dataclass
-class TensorBoardServer:
-    """A running TensorBoard process on 127.0.0.1."""
-
-    url: str
-    process: subprocess.Popen
-    log: Path
-
-    def wait(self) -> int:
-        """Block until TensorBoard exits; its exit code."""
-        return self.process.wait()
-
-    def log_error(self) -> str:
-        """TensorBoard's own error message from the log (the plugin's dying workers print tracebacks after it),
-        else the log's last line."""
-        lines = [line for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
-        for line in lines:
-            match = _ABSL_ERROR.match(line)
-            if match and "TensorBoard" in match["message"]:
-                return match["message"]
-        return lines[-1] if lines else "no output"
-
-
-def _wait_until_serving(server: TensorBoardServer, port: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            code = server.process.returncode
-            raise UserError(f"TensorBoard exited with code {code}: {server.log_error()} (log: {server.log})")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugins_listing", timeout=2) as response:
-                if "pytorch_profiler" in json.load(response):
-                    return
-                raise UserError("TensorBoard runs without the profiler plugin; pip install torch-tb-profiler")
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.25)
-    raise UserError(f"TensorBoard did not answer on port {port} within {timeout_s:.0f} s (log: {server.log})")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-@contextmanager
-def tensorboard_server(path: str | Path, port: int = 0, timeout_s: float = 60.0) -> Iterator[TensorBoardServer]:
-    """Run TensorBoard with the profiler plugin on 127.0.0.1 (a free port unless ``port``) for the traces at
-    ``path`` until the block ends. Its output goes to a log file (the plugin's messages are noise here), kept
-    only when it fails to start, since the error message names it."""
-    if importlib.util.find_spec("torch_tb_profiler") is None:
-        raise UserError("torch-tb-profiler is not installed; pip install torch-tb-profiler")
-    logdir = tensorboard_logdir(path)
-    if not port:
-        from bnstudy.distributed import free_port
-
-        port = free_port()
-    with tempfile.NamedTemporaryFile(prefix="bnstudy-tensorboard-", suffix=".log", delete=False) as log_file:
-        command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1"]
-        process = subprocess.Popen([*command, "--port", str(port)], stdout=log_file, stderr=subprocess.STDOUT)
-    server = TensorBoardServer(f"http://127.0.0.1:{port}/#pytorch_profiler", process, Path(log_file.name))
-    try:
-        _wait_until_serving(server, port, timeout_s)
-    except BaseException:
-        _stop(process)
-        raise
-    try:
-        yield server
-    finally:
-        _stop(process)
-        server.log.unlink(missing_ok=True)

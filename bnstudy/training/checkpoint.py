@@ -16,11 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnstudy.errors import UserError
+from bnstudy.errors import UserError, first_line
 from bnstudy.io import atomic_write
 from bnstudy.models import create_model
-
-CHECKPOINT_NAME = "checkpoint.pt"
+from bnstudy.training.run_directory import CHECKPOINT
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -32,7 +31,7 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
     """A checkpoint file, or the ``checkpoint.pt`` inside a run directory."""
     path = Path(source)
     if path.is_dir():
-        path = path / CHECKPOINT_NAME
+        path = path / CHECKPOINT
     if not path.is_file():
         raise UserError(f"{path}: no checkpoint found; pass a run directory (runs/NAME) or a checkpoint file")
     return path
@@ -44,8 +43,7 @@ def load_checkpoint(source: str | os.PathLike, map_location: str | torch.device 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        message = f"{path}: corrupt or not a bnstudy checkpoint ({reason[:120]}); retrain or pick another"
+        message = f"{path}: corrupt or not a bnstudy checkpoint ({first_line(exc)}); retrain or pick another"
         raise UserError(message) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path}: not a bnstudy checkpoint (expected keys 'model' and 'config')")
@@ -66,8 +64,7 @@ def model_from_checkpoint(source: str | os.PathLike, *, for_inference: bool = Tr
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        message = f"{resolve_checkpoint(source)}: weights do not match model {config['model']!r} ({first})"
+        message = f"{resolve_checkpoint(source)}: weights do not match model {config['model']!r} ({first_line(exc)})"
         raise UserError(message) from None
     if for_inference:
         model.eval()

@@ -9,7 +9,7 @@ Deployment metadata lives in the model's ``metadata_props`` (string values, JSON
 
 - ``bnstudy.version``: the bnstudy version that wrote the file
 - ``bnstudy.fold_bn``: ``"true"`` or ``"false"``
-- ``bnstudy.fold_report``: JSON :class:`bnstudy.fold.FoldReport` (``null`` without folding)
+- ``bnstudy.fold_report``: JSON :class:`bnstudy.edge.fold.FoldReport` (``null`` without folding)
 - ``bnstudy.config``: JSON model config (model, norm, num_classes, input_shape, mean, std, classes, dataset...)
 - ``bnstudy.preprocess``: JSON ``{"input_name", "output_names", "input_shape" (per sample, no batch), "layout"
   ("NCHW" or "NC"), "dtype" ("float32"), and when known "pixel_scale" (1/255: uint8 → [0, 1]), "mean", "std"
@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from bnstudy import __version__
-from bnstudy.errors import UserError
-from bnstudy.fold import check_statistics, fold_batchnorm_with_report, inference_copy
+from bnstudy.edge.fold import FoldReport, fold_inference_copy, inference_copy
+from bnstudy.errors import UserError, first_line
 from bnstudy.io import atomic_write
 
 METADATA_PREFIX = "bnstudy."
@@ -60,7 +60,7 @@ class ExportReport:
     output_names: list[str]
     node_counts: dict[str, int]
     node_counts_unfolded: dict[str, int] | None
-    fold: dict | None
+    fold: FoldReport | None
     metadata: dict[str, str]
     export_seconds: float
 
@@ -136,7 +136,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def deployment_metadata(
-    config: Mapping[str, Any] | None, fold_report: dict | None, input_shape: Sequence[int], output_names: list[str]
+    config: Mapping[str, Any] | None,
+    fold_report: FoldReport | None,
+    input_shape: Sequence[int],
+    output_names: list[str],
 ) -> dict[str, str]:
     """The ``metadata_props`` entries described in the module docstring."""
     config = dict(config or {})
@@ -154,18 +157,13 @@ def deployment_metadata(
     meta = {
         "version": __version__,
         "fold_bn": "true" if fold_report is not None else "false",
-        "fold_report": json.dumps(fold_report),
+        "fold_report": json.dumps(fold_report and fold_report.to_dict()),
         "config": json.dumps(config, default=str),
         "preprocess": json.dumps(preprocess),
     }
     if config.get("classes"):
         meta["classes"] = json.dumps(list(config["classes"]))
     return {METADATA_PREFIX + key: value for key, value in meta.items()}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def _onnx_program(model: nn.Module, example: Tensor, dynamic_batch: bool, opset: int | None):
@@ -188,7 +186,7 @@ def _onnx_program(model: nn.Module, example: Tensor, dynamic_batch: bool, opset:
         )
     except Exception as exc:  # the exporter raises many error types; the user needs one line, not its traceback
         raise UserError(
-            f"torch.onnx cannot export {type(model).__name__}: {_first_line(exc)}; check the model runs in eval mode "
+            f"torch.onnx cannot export {type(model).__name__}: {first_line(exc)}; check the model runs in eval mode "
             "on the given input shape"
         ) from None
     onnxscript.optimizer.fold_constants(program.model)
@@ -213,7 +211,7 @@ def export_onnx(
     affine_fallback: bool = True,
     count_unfolded: bool = True,
 ) -> ExportReport:
-    """Write ``model`` (eval mode) as ONNX to ``path``, BN folded by :func:`bnstudy.fold.fold_batchnorm` or kept.
+    """Write ``model`` (eval mode) as ONNX to ``path``, BN folded by :func:`bnstudy.edge.fold.fold_batchnorm` or kept.
 
     The graph input is named ``input`` with a dynamic batch axis (the example is traced at batch ≥ 2, since an
     example batch of 1 can pin it); ``config`` goes into the metadata (see the module docstring). The file is
@@ -224,19 +222,15 @@ def export_onnx(
     example = example_input.detach().float()
     if dynamic_batch and example.shape[0] < 2:
         example = example.expand(2, *example.shape[1:]).contiguous()
-    unfolded = inference_copy(model)
-    check_statistics(unfolded)
-    fold_report = None
-    if fold_bn:
-        result = fold_batchnorm_with_report(unfolded, example, affine_fallback=affine_fallback)
-        exported, fold_report = result.model, result.report.to_dict()
-    else:
-        exported = unfolded
+    exported = inference_copy(model)
+    fold_report = counts_unfolded = None
     with torch.no_grad():
+        if fold_bn and count_unfolded:
+            counts_unfolded = count_nodes(_onnx_program(exported, example, dynamic_batch, opset))
+        if fold_bn:
+            result = fold_inference_copy(exported, example, affine_fallback=affine_fallback)
+            exported, fold_report = result.model, result.report
         proto = _onnx_program(exported, example, dynamic_batch, opset)
-        counts_unfolded = (
-            count_nodes(_onnx_program(unfolded, example, dynamic_batch, opset)) if fold_bn and count_unfolded else None
-        )
     output_names = [out.name for out in proto.graph.output]
     metadata = deployment_metadata(config, fold_report, example.shape[1:], output_names)
     for key, value in metadata.items():
@@ -244,7 +238,7 @@ def export_onnx(
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise UserError(f"the exported ONNX graph is invalid ({_first_line(exc)}); try another --opset") from None
+        raise UserError(f"the exported ONNX graph is invalid ({first_line(exc)}); try another --opset") from None
     atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
     opset_used = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     return ExportReport(
@@ -311,26 +305,30 @@ def verify_onnx(
     uses its first ``b`` rows (sizes larger than an input set are skipped, with a note). An element passes when
     |ort − torch| ≤ atol + rtol·|torch|.
     """
-    reference = inference_copy(model)
-    input_sets = {"random": inputs} if isinstance(inputs, Tensor) else dict(inputs)
-    sessions = {level: ort_session(path, level, threads) for level in ORT_LEVELS}
-    rows, notes = [], []
-    for set_name, data in input_sets.items():
-        for batch in batch_sizes:
-            if batch > len(data):
-                notes.append(f"{set_name}: only {len(data)} samples, batch {batch} skipped")
-                continue
-            x = data[:batch].float()
-            with torch.no_grad():
-                expected = _as_outputs(reference(x))
-            for level, session in sessions.items():
-                got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-                if len(got) != len(expected):
-                    mismatch = {"output": f"{len(got)} outputs, torch has {len(expected)}"}
-                    rows.append({"setting": level, "inputs": set_name, "batch": batch} | mismatch | _MISMATCH)
-                for meta, out, ref in zip(session.get_outputs(), got, expected):
-                    row = {"setting": level, "inputs": set_name, "batch": batch, "output": meta.name}
-                    rows.append(row | _compare(out, ref, atol, rtol))
+    was_training = model.training
+    model.eval()
+    try:
+        input_sets = {"random": inputs} if isinstance(inputs, Tensor) else dict(inputs)
+        sessions = {level: ort_session(path, level, threads) for level in ORT_LEVELS}
+        rows, notes = [], []
+        for set_name, data in input_sets.items():
+            for batch in batch_sizes:
+                if batch > len(data):
+                    notes.append(f"{set_name}: only {len(data)} samples, batch {batch} skipped")
+                    continue
+                x = data[:batch].float()
+                with torch.no_grad():
+                    expected = _as_outputs(model(x))
+                for level, session in sessions.items():
+                    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+                    if len(got) != len(expected):
+                        mismatch = {"output": f"{len(got)} outputs, torch has {len(expected)}"}
+                        rows.append({"setting": level, "inputs": set_name, "batch": batch} | mismatch | _MISMATCH)
+                    for meta, out, ref in zip(session.get_outputs(), got, expected):
+                        row = {"setting": level, "inputs": set_name, "batch": batch, "output": meta.name}
+                        rows.append(row | _compare(out, ref, atol, rtol))
+    finally:
+        model.train(was_training)
     proto = onnx.load(str(path), load_external_data=False)
     return VerifyReport(
         path=str(path),

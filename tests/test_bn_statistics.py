@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from bnstudy.bnstats import bn_statistics_report, precise_bn, sync_bn_buffers, used_statistics
-from bnstudy.distributed import spawn_gloo
+from bnstudy.distributed.bn_statistics import bn_statistics_report, precise_bn, sync_bn_buffers, used_statistics
+from bnstudy.distributed.process_group import spawn_gloo
 from bnstudy.models import seed_cnn
 
 

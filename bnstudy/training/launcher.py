@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=2 launch/train_cifar.py --norm syncbn --out runs/syncbn
     python launch/train_cifar.py --norm bn --epochs 1 --data synthetic --out runs/quick
-    torchrun --nproc_per_node=2 -m bnstudy.launcher ...   (the same, without the launch/ script)
+    torchrun --nproc_per_node=2 -m bnstudy.training.launcher ...   (the same, without the launch/ script)
 
 gloo on CPU and nccl on CUDA are chosen automatically. Rank 0 prints and writes runs/NAME/.
 """
@@ -13,7 +13,7 @@ import argparse
 import sys
 from dataclasses import fields
 
-from bnstudy.training import EVAL_BN_MODES, TrainConfig
+from bnstudy.training.config import EVAL_BN_MODES, TrainConfig
 
 DEFAULTS = TrainConfig()
 
@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
 
-    from bnstudy.distributed import init_from_env, shutdown
+    from bnstudy.distributed.process_group import init_from_env, shutdown
     from bnstudy.errors import UserError
-    from bnstudy.training import train
+    from bnstudy.training.loop import train
 
     try:
         config.validate()

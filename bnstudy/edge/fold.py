@@ -1,12 +1,6 @@
-"""Folding BatchNorm into the neighbouring conv or linear layer, exactly and with a report.
-
-In eval mode BN is a per-channel affine map, y = x·s + t with s = γ/√(var+ε) and t = β − μ·s, so it can be
-merged into the layer before it (W' = W·s per output channel, b' = b·s + t, the same as (b − μ)·s + β) or, when
-the layer has no zero padding, into the layer after it (W' = W·s per input channel, b' = b + Σ W·t).
-
-The first half of this module is that math as pure tensor functions, done in float64 and cast back to the
-layer's dtype. The second half finds the pairs by dataflow (torch.fx) and rewrites the graph;
-:func:`fold_batchnorm` is the entry point.
+"""Folding BatchNorm into the neighbouring conv or linear layer, exactly and with a report: module-level folds
+over the math of :mod:`bnstudy.edge.fold_math`, and the graph pass that finds the pairs by dataflow (torch.fx) and
+rewrites the graph. :func:`fold_batchnorm` is the entry point.
 """
 
 from __future__ import annotations
@@ -21,67 +15,15 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from bnstudy.errors import UserError
-from bnstudy.syncbn import revert_sync_batchnorm
+from bnstudy.distributed.syncbn import revert_sync_batchnorm
+from bnstudy.edge.fold_math import bn_scale_shift, fold_into_input, fold_into_output
+from bnstudy.errors import UserError, first_line
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 OUTPUT_FOLDABLE = (*CONVS, *TRANSPOSED_CONVS, nn.Linear)
 INPUT_FOLDABLE = (*CONVS, nn.Linear)
 MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-
-
-# ---------------------------------------------------------------------------------------------------- fold math
-
-
-def bn_scale_shift(
-    running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor]:
-    """Eval-mode BN as ``x·scale + shift`` per channel, in float64: scale = γ/√(var+ε), shift = β − μ·scale."""
-    scale = torch.rsqrt(running_var.double() + eps)
-    if weight is not None:
-        scale = scale * weight.double()
-    shift = -running_mean.double() * scale
-    if bias is not None:
-        shift = shift + bias.double()
-    return scale, shift
-
-
-def fold_into_output(
-    weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor, *, groups: int = 1, transposed: bool = False
-) -> tuple[Tensor, Tensor]:
-    """Weight and bias of ``BN(layer(x))`` as one layer, for conv, transposed conv and linear weights.
-
-    A transposed conv keeps output channels on weight dim 1, per group: weight (C_in, C_out/g, *k), and output
-    channel ``g·C_out/g + j`` is column ``j`` of the rows of group ``g``.
-    """
-    w = weight.double()
-    if transposed:
-        c_in, c_out_per_group = w.shape[:2]
-        spatial = [1] * (w.dim() - 2)
-        per_group = w.reshape(groups, c_in // groups, c_out_per_group, *w.shape[2:])
-        w_folded = (per_group * scale.view(groups, 1, c_out_per_group, *spatial)).reshape(w.shape)
-    else:
-        w_folded = w * scale.view(-1, *[1] * (w.dim() - 1))
-    b = bias.double() if bias is not None else torch.zeros_like(scale)
-    return w_folded.to(weight.dtype), (b * scale + shift).to(weight.dtype)
-
-
-def fold_into_input(
-    weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor, *, groups: int = 1
-) -> tuple[Tensor, Tensor]:
-    """Weight and bias of ``layer(BN(x))`` as one layer, for conv (without zero padding) and linear weights.
-
-    Weight (C_out, C_in/g, *k): output channel ``o`` of group ``g`` reads input channels ``g·C_in/g + j``.
-    """
-    w = weight.double()
-    c_out, c_in_per_group = w.shape[:2]
-    per_group = w.reshape(groups, c_out // groups, c_in_per_group, -1)
-    w_folded = (per_group * scale.view(groups, 1, c_in_per_group, 1)).reshape(w.shape)
-    b = (per_group * shift.view(groups, 1, c_in_per_group, 1)).sum((2, 3)).reshape(c_out)
-    if bias is not None:
-        b = b + bias.double()
-    return w_folded.to(weight.dtype), b.to(weight.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ module level
@@ -244,8 +186,11 @@ class _Tracer(fx.Tracer):
 
 
 def inference_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode with sync BN reverted to plain BN; the caller's model is untouched."""
-    return revert_sync_batchnorm(copy.deepcopy(model)).eval()
+    """A deep copy in eval mode with sync BN reverted to plain BN and its BN statistics checked (see
+    :func:`check_statistics`); the caller's model is untouched."""
+    copy_ = revert_sync_batchnorm(copy.deepcopy(model)).eval()
+    check_statistics(copy_)
+    return copy_
 
 
 def check_statistics(model: nn.Module) -> None:
@@ -444,15 +389,19 @@ def fold_batchnorm_with_report(
     model: nn.Module, example_input: Tensor | None = None, *, affine_fallback: bool = True
 ) -> FoldResult:
     """Fold every foldable BN of ``model`` into its neighbouring conv / linear layer; see :func:`fold_batchnorm`."""
-    copy_ = inference_copy(model)
-    check_statistics(copy_)
+    return fold_inference_copy(inference_copy(model), example_input, affine_fallback=affine_fallback)
+
+
+def fold_inference_copy(
+    copy_: nn.Module, example_input: Tensor | None = None, *, affine_fallback: bool = True
+) -> FoldResult:
+    """:func:`fold_batchnorm_with_report` on a model :func:`inference_copy` prepared, which it may modify."""
     try:
         graph = _Tracer().trace(copy_)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError...) on dynamic code
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         message = (
-            f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {first[:160]}); folded only adjacent "
-            "children of nn.Sequential, so dataflow between other modules was not checked"
+            f"torch.fx cannot trace {type(copy_).__name__} ({type(exc).__name__}: {first_line(exc)}); folded only "
+            "adjacent children of nn.Sequential, so dataflow between other modules was not checked"
         )
         warnings.warn(message, stacklevel=2)
         report = FoldReport(method="sequential", warnings=[message])

@@ -5,12 +5,12 @@ unwrapped model, per-rank BN statistics, checkpoints and resume. ``launch/train_
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import random
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,130 +22,18 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from bnstudy import __version__
-from bnstudy.bnstats import bn_layers, bn_statistics_report, sync_bn_buffers
-from bnstudy.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from bnstudy.data import (
-    ImageDataset,
-    find_real_data,
-    load_images,
-    load_test_images,
-    synthetic_images,
-    to_model_input,
-)
-from bnstudy.distributed import DistEnv, all_reduce_sum, main_print
-from bnstudy.errors import UserError
-from bnstudy.io import write_json
+from bnstudy.data import to_model_input
+from bnstudy.distributed.bn_statistics import bn_layers, bn_statistics_report, sync_bn_buffers
+from bnstudy.distributed.process_group import DistEnv, all_reduce_sum, main_print
+from bnstudy.errors import UserError, first_line
 from bnstudy.models import create_model
-from bnstudy.norms import NORM_KINDS
-from bnstudy.profiling import BACKWARD, DATA_LOADING, FORWARD, OPTIMIZER_STEP, training_profiler
+from bnstudy.traces.record import BACKWARD, DATA_LOADING, FORWARD, OPTIMIZER_STEP, training_profiler
+from bnstudy.training.checkpoint import load_checkpoint, save_checkpoint
+from bnstudy.training.config import TrainConfig
+from bnstudy.training.run_data import RunData, augment, load_run_data
+from bnstudy.training.run_directory import CHECKPOINT, RunWriter
 
-EVAL_BN_MODES = ("local", "reduce", "broadcast", "precise")
-PROFILED_STEPS = 5  # wait 1 + warm-up 1 + active 3: bnstudy.profiling.training_profiler's default schedule
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run; stored as ``config.json`` and inside checkpoints."""
-
-    out: str = "runs/cifar"
-    model: str = "resnet"
-    width: int | None = None
-    norm: str = "bn"
-    data: str = "auto"
-    download: bool = False
-    epochs: int = 16
-    batch_size: int = 256
-    lr: float = 0.4
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    warmup_epochs: float = 1.0
-    seed: int = 0
-    eval_bn: str = "reduce"
-    precise_bn_batches: int = 20
-    train_subset: int | None = None
-    test_subset: int | None = None
-    synthetic_size: int = 20000
-    channels_last: bool = True
-    resume: bool = False
-    tta: bool = True
-    profile: bool = False
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if self.norm not in NORM_KINDS:
-            raise UserError(f"unknown --norm {self.norm!r}; choose one of {', '.join(NORM_KINDS)}")
-        if self.eval_bn not in EVAL_BN_MODES:
-            raise UserError(f"unknown --eval-bn {self.eval_bn!r}; choose one of {', '.join(EVAL_BN_MODES)}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size < 2 and self.norm == "bn":
-            raise UserError("--batch-size 1 leaves BatchNorm one value per channel; use at least 2")
-
-    def model_kwargs(self) -> dict:
-        return {} if self.width is None else {"width": self.width}
-
-
-@dataclass
-class RunData:
-    train: ImageDataset
-    test: ImageDataset
-    description: str
-    synthetic: bool = False
-    notes: list[str] = field(default_factory=list)
-
-
-def load_run_data(config: TrainConfig) -> RunData:
-    """Train and test sets for ``--data`` (auto | synthetic | PATH).
-
-    auto: real CIFAR-10 from $BNSTUDY_DATA, ./data or ../shared/data (or torchvision's download with
-    ``--download``), else the synthetic set. For an .npz directory holding ``test_lossless_first1000.npz``, that
-    exact subset is the test set (the rest of that test.npz is JPEG-degraded).
-    """
-    if config.data == "synthetic":
-        data = _synthetic(config, "--data synthetic")
-    elif config.data == "auto":
-        root = find_real_data("cifar10")
-        if root is not None:
-            data = _real(root, config)
-        elif config.download:
-            data = _real(Path("data/cifar10"), config)
-        else:
-            data = _synthetic(config, "no CIFAR-10 found ($BNSTUDY_DATA, ./data/cifar10, ../shared/data/cifar10)")
-    else:
-        data = _real(Path(config.data), config)
-    if config.train_subset:
-        data.train = data.train.subset(config.train_subset)
-    if config.test_subset:
-        data.test = data.test.subset(config.test_subset)
-    return data
-
-
-def _real(root: Path, config: TrainConfig) -> RunData:
-    train = load_images("cifar10", root, "train", download=config.download)
-    test = load_test_images("cifar10", root, download=config.download)
-    return RunData(train, test, f"CIFAR-10 from {root} (test: {test.source}, {len(test)} images)")
-
-
-def _synthetic(config: TrainConfig, reason: str) -> RunData:
-    train = synthetic_images("cifar10", config.synthetic_size, seed=config.seed)
-    test = synthetic_images("cifar10", max(1000, config.synthetic_size // 10), seed=config.seed + 10_000)
-    note = f"WARNING: training on SYNTHETIC data ({reason}); accuracies say nothing about CIFAR-10"
-    return RunData(train, test, f"synthetic CIFAR-shaped data ({len(train)} train, {len(test)} test)", True, [note])
-
-
-def augment(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
-    """Random crop with reflect padding and horizontal flip for a uint8 (N, H, W, C) batch, as batched tensor ops."""
-    n, h, w, _ = x.shape
-    padded = nn.functional.pad(x.permute(0, 3, 1, 2).float(), (pad, pad, pad, pad), mode="reflect")
-    padded = padded.permute(0, 2, 3, 1).to(x.dtype)
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
-    rows = (dy.view(n, 1) + torch.arange(h)).view(n, h, 1)
-    cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, w)
-    flip = torch.rand(n, generator=generator) < 0.5
-    cols = torch.where(flip.view(n, 1, 1), cols.flip(2), cols)
-    return padded[torch.arange(n).view(n, 1, 1), rows, cols]
+PROFILED_STEPS = 5  # wait 1 + warm-up 1 + active 3: bnstudy.traces.record.training_profiler's default schedule
 
 
 class Trainer:
@@ -226,7 +114,7 @@ class Trainer:
             total=self.steps_per_epoch,
             mininterval=2.0,
             desc=f"epoch {epoch + 1}/{self.config.epochs}",
-            disable=not self.env.is_main,
+            disable=not (self.env.is_main and sys.stderr.isatty()),  # logs get the epoch line below instead
             leave=False,
             dynamic_ncols=True,
         )
@@ -269,7 +157,7 @@ class Trainer:
         }
 
     def _last_checkpoint(self) -> str:
-        path = self.out / CHECKPOINT_NAME
+        path = self.out / CHECKPOINT
         return str(path) if path.exists() else "none yet"
 
     @torch.no_grad()
@@ -338,12 +226,12 @@ class Trainer:
         for key in ("model", "norm", "batch_size", "epochs", "seed", "width"):
             if saved.get(key) != getattr(self.config, key):
                 raise UserError(
-                    f"{self.out / CHECKPOINT_NAME}: checkpoint has {key}={saved.get(key)!r} but this run "
+                    f"{self.out / CHECKPOINT}: checkpoint has {key}={saved.get(key)!r} but this run "
                     f"asks for {getattr(self.config, key)!r}; use the same options or a new --out"
                 )
         if saved.get("world_size") != self.env.world_size:
             raise UserError(
-                f"{self.out / CHECKPOINT_NAME}: checkpoint was written by {saved.get('world_size')} "
+                f"{self.out / CHECKPOINT}: checkpoint was written by {saved.get('world_size')} "
                 f"processes, this run has {self.env.world_size}; resume with the same --nproc_per_node"
             )
         try:
@@ -352,8 +240,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UserError(
-                f"{self.out / CHECKPOINT_NAME}: does not match this model ({str(exc).splitlines()[0]}); "
-                "start a new --out"
+                f"{self.out / CHECKPOINT}: does not match this model ({first_line(exc)}); start a new --out"
             ) from None
         buffers = state["rank_bn_buffers"][self.env.rank]
         with torch.no_grad():
@@ -383,45 +270,6 @@ def checkpoint_config(config: TrainConfig, data: RunData, world_size: int) -> di
     }
 
 
-class RunDirectory:
-    """Rank 0's writer for runs/NAME: config.json, metrics.jsonl, bn_stats.jsonl, summary.json, tb/ scalars."""
-
-    def __init__(self, path: Path, resume_epoch: int) -> None:
-        self.path = path
-        path.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "bn_stats.jsonl"):
-            _truncate_jsonl(path / name, resume_epoch)
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(path / "tb"), purge_step=resume_epoch + 1 if resume_epoch else None)
-
-    def append(self, name: str, records: list[dict]) -> None:
-        with open(self.path / name, "a") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-
-    def scalars(self, epoch: int, metrics: dict) -> None:
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key != "epoch":
-                self.tb.add_scalar(key, value, epoch)
-        self.tb.flush()
-
-    def close(self) -> None:
-        self.tb.close()
-
-
-def _truncate_jsonl(path: Path, keep_through_epoch: int) -> None:
-    """Drop records of epochs after the checkpoint, so a resumed run does not log an epoch twice."""
-    if not path.exists():
-        return
-    lines = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["epoch"] <= keep_through_epoch
-    ]
-    path.write_text("".join(line + "\n" for line in lines))
-
-
 def environment_info(env: DistEnv) -> dict:
     return {
         "bnstudy": __version__,
@@ -442,15 +290,13 @@ def train(config: TrainConfig, env: DistEnv) -> dict:
         main_print(f"\n{'!' * 100}\n{note}\n{'!' * 100}\n")
     out = trainer.out
     if config.resume:
-        trainer.restore(load_checkpoint(out / CHECKPOINT_NAME, map_location=env.device))
+        trainer.restore(load_checkpoint(out / CHECKPOINT, map_location=env.device))
         main_print(f"resuming {out} after epoch {trainer.start_epoch}")
-    elif (out / CHECKPOINT_NAME).exists():
+    elif (out / CHECKPOINT).exists():
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    writer = RunDirectory(out, trainer.start_epoch) if env.is_main else None
+    writer = RunWriter(out, trainer.start_epoch) if env.is_main else None
     if writer:
-        write_json(
-            out / "config.json", {**checkpoint_config(config, trainer.data, env.world_size), **environment_info(env)}
-        )
+        writer.config({**checkpoint_config(config, trainer.data, env.world_size), **environment_info(env)})
     main_print(
         f"{config.model}/{config.norm} on {trainer.data.description}; {env.world_size} process(es), "
         f"{config.batch_size}/process, backend {env.backend or 'none'}, device {env.device}"
@@ -470,55 +316,15 @@ def train(config: TrainConfig, env: DistEnv) -> dict:
             metrics = {"epoch": epoch + 1, **metrics, "lr": trainer.scheduler.get_last_lr()[0]}
             state = trainer.checkpoint_state(epoch + 1)
             if writer:
-                writer.append("metrics.jsonl", [metrics])
-                writer.append("bn_stats.jsonl", [{"epoch": epoch + 1, **r} for r in bn_records])
-                writer.scalars(epoch + 1, metrics)
-                save_checkpoint(out / CHECKPOINT_NAME, state)
+                writer.epoch(metrics, bn_records)
+                save_checkpoint(out / CHECKPOINT, state)
                 main_print(
                     f"epoch {epoch + 1}/{config.epochs}: train loss {metrics['train_loss']:.4f} "
                     f"acc {metrics['train_acc']:.4f} | test loss {metrics['test_loss']:.4f} "
                     f"acc {metrics['test_acc']:.4f} | {metrics['images_per_s']:.0f} img/s"
                 )
+        summary = writer.summary({"wall_time_s_this_session": time.perf_counter() - run_start}) if writer else {}
     finally:
         if writer:
             writer.close()
-    summary = summarise(out, env, trainer, time.perf_counter() - run_start)
-    if writer:
-        write_json(out / "summary.json", summary)
     return summary
-
-
-def summarise(out: Path, env: DistEnv, trainer: Trainer, wall_s: float) -> dict:
-    """Final numbers of the whole run (all epochs, including those before a resume) for summary.json."""
-    metrics_path = out / "metrics.jsonl"
-    if not env.is_main or not metrics_path.exists():
-        return {}
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    bn_path = out / "bn_stats.jsonl"
-    bn_rows = (
-        [json.loads(line) for line in bn_path.read_text().splitlines() if line.strip()] if bn_path.exists() else []
-    )
-    last = rows[-1] if rows else {}
-    final_bn = [r for r in bn_rows if r["epoch"] == last.get("epoch")]
-    return {
-        "run": str(out),
-        "model": trainer.config.model,
-        "norm": trainer.config.norm,
-        "world_size": env.world_size,
-        "batch_size_per_process": trainer.config.batch_size,
-        "global_batch": trainer.config.batch_size * env.world_size,
-        "epochs": len(rows),
-        "data": trainer.data.description,
-        "synthetic": trainer.data.synthetic,
-        "final_test_acc": last.get("test_acc"),
-        "best_test_acc": max((r["test_acc"] for r in rows), default=None),
-        "final_test_loss": last.get("test_loss"),
-        "final_train_loss": last.get("train_loss"),
-        "train_time_s": sum(r["epoch_time_s"] for r in rows),
-        "wall_time_s_this_session": wall_s,
-        "mean_images_per_s": sum(r["images_per_s"] for r in rows) / max(1, len(rows)),
-        "bn_running_mean_max_abs_diff": max((r["running_mean_max_abs_diff"] for r in final_bn), default=0.0),
-        "bn_running_var_max_rel_diff": max((r["running_var_max_rel_diff"] for r in final_bn), default=0.0),
-        "bn_batch_mean_spread": max((r["batch_mean_spread"] for r in final_bn), default=0.0),
-        "eval_bn": trainer.config.eval_bn,
-    }

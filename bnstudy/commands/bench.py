@@ -1,0 +1,85 @@
+"""``bnstudy bench syncbn|ddp|export``: benchmarks that print ratios measured in one run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(registry) -> None:
+    p = registry.bench("syncbn", "DDP step time, plain BN vs bnstudy SyncBatchNorm (2 procs × 1 thread, gloo)")
+    p.add_argument("--model", default="resnet", help="model name from bnstudy.models.MODELS (default: resnet)")
+    p.add_argument("--batches", type=int, nargs="+", default=[8, 64], help="images per rank (default: 8 64)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round and norm (default: 10)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of bn and syncbn (default: 2)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench/syncbn.json"), help="JSON result path")
+    p.set_defaults(func=run_syncbn)
+
+    p = registry.bench("ddp", "images/s: DDP 2 processes x 1 thread vs 1 process x 2 threads, same global batch")
+    p.add_argument("--model", default="resnet", help="model name (default: resnet)")
+    p.add_argument("--norm", default="bn", help="norm kind (default: bn)")
+    p.add_argument("--global-batch", type=int, default=512, help="images per step over all processes (default: 512)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps (default: 8)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench/ddp.json"), help="JSON result path")
+    p.set_defaults(func=run_ddp)
+
+    p = registry.bench("export", "latency and throughput: torch eager/folded vs onnxruntime unfolded/folded")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads (default: 2)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench/export.json"), help="JSON result (PNG beside it)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also record profiler traces of eager inference, unfolded and folded, beside the JSON",
+    )
+    p.set_defaults(func=run_export)
+
+
+def run_syncbn(args: argparse.Namespace) -> int:
+    from bnstudy.benchmarks.syncbn import benchmark_syncbn
+    from bnstudy.io import write_json
+
+    result = benchmark_syncbn(args.model, tuple(args.batches), args.steps, args.rounds)
+    print(f"{'images/rank':>11}  {'bn step (ms)':>12}  {'syncbn step (ms)':>16}  {'ratio':>6}")
+    for row in result["results"]:
+        print(
+            f"{row['images_per_rank']:>11}  {row['bn_step_s'] * 1e3:>12.1f}  {row['syncbn_step_s'] * 1e3:>16.1f}"
+            f"  {row['ratio']:>6.3f}"
+        )
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_ddp(args: argparse.Namespace) -> int:
+    from bnstudy.benchmarks.ddp import benchmark_ddp
+    from bnstudy.io import write_json
+
+    result = benchmark_ddp(args.model, args.norm, args.global_batch, args.steps)
+    print(f"1 process x 2 threads: {result['single_process_2_threads_images_per_s']:.0f} img/s")
+    print(f"2 processes x 1 thread (DDP, gloo): {result['ddp_2x1_images_per_s']:.0f} img/s")
+    print(f"ratio DDP / single: {result['ratio']:.3f}")
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from bnstudy.benchmarks.export import (
+        benchmark_export,
+        plot_export_benchmark,
+        print_export_benchmark,
+        profile_folding,
+    )
+    from bnstudy.io import check_writable, write_json
+
+    check_writable(args.out)
+    result = benchmark_export(threads=args.threads, quick=args.quick)
+    print_export_benchmark(result)
+    write_json(args.out, result)
+    png = plot_export_benchmark(result, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {png}")
+    if args.profile:
+        unfolded, folded = profile_folding(args.out.parent / "export-traces", threads=args.threads)
+        print(f"traces: {unfolded} and {folded}; compare with: bnstudy trace compare {unfolded} {folded}")
+    return 0
