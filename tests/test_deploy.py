@@ -254,6 +254,9 @@ def test_int8_model_is_qdq_keeps_metadata_and_agrees_with_fp32(deployed, quantiz
     assert ops.get("BatchNormalization", 0) == 0
     session, spec = edge.load_model(quantized["path"])
     assert spec.metadata["quantization"]["calibration_images"] == 64 and spec.classes == CIFAR10_CLASSES
+    # 7-bit weights: full-range ones saturate onnxruntime's uint8 × int8 kernels on x86 without VNNI (AVX2), where
+    # this model then agreed with fp32 on only 77% of the images below
+    assert spec.metadata["quantization"]["reduce_range"] is True
     test = deployed["test"].x.numpy()
     int8 = edge.run_batched(session, spec, test, 100).logits.argmax(1)
     fp32 = torch_logits(deployed["model"], test).argmax(1)
