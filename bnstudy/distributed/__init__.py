@@ -1,0 +1,2 @@
+"""Distributed training pieces: sync BN, its transports (gloo, shared memory), process-group plumbing, rank
+statistics."""
