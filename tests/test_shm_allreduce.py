@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bnstudy.distributed.collectives import SYNCBN_ALL_REDUCE
 from bnstudy.distributed.shm_allreduce import (
-    PROFILER_LABEL,
     SHM_NAME_PREFIX,
     ShmAllReduce,
     fast_path_supported,
@@ -150,7 +150,7 @@ def _exact_worker(rank: int, world: int) -> dict:
 
 
 def _fallback_worker(rank: int, world: int) -> dict:
-    ar = ShmAllReduce(max_numel=64, timeout_s=30)
+    ar = ShmAllReduce(max_numel=64, timeout_s=30, label=SYNCBN_ALL_REDUCE)
     cases = [
         torch.arange(10, dtype=torch.int64) * (rank + 1),  # other dtype
         torch.full((65,), 0.1 * (rank + 1), dtype=torch.float32),  # over the limit
@@ -167,7 +167,7 @@ def _fallback_worker(rank: int, world: int) -> dict:
         assert torch.allclose(tensor.double(), want.double(), rtol=1e-3), (tensor, want)
     assert torch.equal(small, torch.full((64,), float(world)))
     counts = {e.key: e.count for e in prof.key_averages()}
-    return {"labels": counts.get(PROFILER_LABEL, 0), "gloo": sum(c for k, c in counts.items() if "gloo" in k)}
+    return {"labels": counts.get(SYNCBN_ALL_REDUCE, 0), "gloo": sum(c for k, c in counts.items() if "gloo" in k)}
 
 
 def _stress_worker(rank: int, world: int, iterations: int, seed: int, max_numel: int) -> dict:
@@ -198,7 +198,7 @@ def _stress_worker(rank: int, world: int, iterations: int, seed: int, max_numel:
 
 
 def _mismatch_worker(rank: int, world: int) -> list[str]:
-    ar = ShmAllReduce(max_numel=64, timeout_s=30)
+    ar = ShmAllReduce(max_numel=64, timeout_s=30, label=SYNCBN_ALL_REDUCE)
     messages = []
     for tensor in (
         torch.zeros(10 + rank),  # numel differs

@@ -50,6 +50,8 @@ import torch.autograd.profiler as _autograd_profiler
 import torch.distributed as dist
 from torch import Tensor
 
+from bnstudy.distributed.process_group import all_reduce_polling
+
 try:
     import _posixshmem
 except ImportError:  # not a POSIX system
@@ -58,16 +60,14 @@ except ImportError:  # not a POSIX system
 __all__ = [
     "DEFAULT_MAX_NUMEL",
     "DEFAULT_TIMEOUT_S",
-    "PROFILER_LABEL",
     "SHM_NAME_PREFIX",
+    "PeerLostError",
     "ShmAllReduce",
     "fast_path_supported",
     "host_identity",
     "ranks_share_host",
 ]
 
-# The label every sync-BN exchange carries in profiler traces, whichever transport carries it.
-PROFILER_LABEL = "bnstudy.syncbn.all_reduce"
 # Segment names are "/" + SHM_NAME_PREFIX + "<pid>-<random token>"; they appear in /dev/shm only during setup.
 SHM_NAME_PREFIX = "bnstudy-allreduce-"
 # 64Ki elements: a (16, 1+2*2048) forward table fits; at float64 a row is 512 KiB, the segment 2 * world rows.
@@ -139,6 +139,10 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+class PeerLostError(RuntimeError):
+    """A rank did not reach a shared-memory exchange in time: it died, hangs, or runs a different number of steps."""
+
+
 class ShmAllReduce:
     """In-place sum over the ranks of ``group`` (all on one host) through shared memory.
 
@@ -146,8 +150,9 @@ class ShmAllReduce:
     every tensor on CPUs without total store order, go to ``dist.all_reduce`` on ``group`` (after a size check
     through shared memory where there is one). Construction is a collective; so is every :meth:`all_reduce`, which
     all ranks must call in the same order with the same numel and dtype. A rank that does not arrive within
-    ``timeout_s`` seconds is named in a RuntimeError, after which this object is unusable. Not thread-safe: one
-    thread per process calls it, as sync BN does.
+    ``timeout_s`` seconds is named in a :class:`PeerLostError`, after which this object is unusable. While a
+    profiler runs, each call is labelled ``label`` (when given). Not thread-safe: one thread per process calls it,
+    as sync BN does.
     """
 
     def __init__(
@@ -155,6 +160,7 @@ class ShmAllReduce:
         group: dist.ProcessGroup | None = None,
         max_numel: int = DEFAULT_MAX_NUMEL,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        label: str | None = None,
     ) -> None:
         if max_numel < 1:
             raise ValueError(f"max_numel must be positive, got {max_numel}")
@@ -163,6 +169,7 @@ class ShmAllReduce:
         self.world_size = dist.get_world_size(group)
         self.max_numel = int(max_numel)
         self.timeout_s = float(timeout_s)
+        self.label = label
         self.name: str | None = None
         self._generation = 0
         self._failure: str | None = None
@@ -295,9 +302,9 @@ class ShmAllReduce:
     def all_reduce(self, tensor: Tensor) -> Tensor:
         """Sum ``tensor`` over all ranks, in place (rank order, bitwise identical on every rank); returns it.
 
-        While a profiler runs, the call is labelled :data:`PROFILER_LABEL`."""
-        if _ALWAYS_LABEL or _autograd_profiler._is_profiler_enabled:
-            with torch.profiler.record_function(PROFILER_LABEL):
+        While a profiler runs, the call is labelled ``self.label``."""
+        if self.label and (_ALWAYS_LABEL or _autograd_profiler._is_profiler_enabled):
+            with torch.profiler.record_function(self.label):
                 self._all_reduce(tensor)
         else:  # entering record_function costs about 10 µs even with no profiler running, as much as the exchange
             self._all_reduce(tensor)
@@ -305,7 +312,7 @@ class ShmAllReduce:
 
     def _all_reduce(self, tensor: Tensor) -> None:
         if self._failure is not None:
-            raise RuntimeError(self._failure)
+            raise PeerLostError(self._failure)
         if self.world_size == 1:
             return
         if self._mm is None:
@@ -374,7 +381,7 @@ class ShmAllReduce:
                     f"shared-memory all-reduce: {who} did not arrive within {self.timeout_s:g} s (it may have died, "
                     f"or the ranks called all_reduce a different number of times); generation {g}, rank {self.rank}"
                 )
-                raise RuntimeError(self._failure)
+                raise PeerLostError(self._failure)
 
     def _mismatch(self, parity: int) -> None:
         found = ", ".join(f"rank {j}: {_describe(self._ctrl[w])}" for j, w in enumerate(self._sig_words[parity]))
@@ -384,8 +391,4 @@ class ShmAllReduce:
         )
 
     def _process_group_all_reduce(self, tensor: Tensor) -> None:
-        # Poll rather than block: on a VM, waking an idle CPU can cost more than the collective.
-        work = dist.all_reduce(tensor, group=self.group, async_op=True)
-        while not work.is_completed():
-            os.sched_yield()
-        work.wait()
+        all_reduce_polling(tensor, self.group)

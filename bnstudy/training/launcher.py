@@ -97,20 +97,31 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
 
+    from torch.distributed import DistBackendError
+
     from bnstudy.distributed.process_group import init_from_env, shutdown
-    from bnstudy.errors import UserError
+    from bnstudy.distributed.shm_allreduce import PeerLostError
+    from bnstudy.errors import UserError, first_line
     from bnstudy.training.loop import train
 
+    peer_lost = (PeerLostError, DistBackendError)  # another rank died: there is nobody to part with
     try:
         config.validate()
         env = init_from_env(config.device)
         try:
             train(config, env)
-        finally:
-            shutdown()
+        except peer_lost:
+            raise
+        except BaseException:
+            shutdown()  # every rank raised alike (e.g. a UserError on all ranks): part in order
+            raise
+        shutdown()
     except UserError as exc:
         print(f"train_cifar: error: {exc}", file=sys.stderr)
         return 2
+    except peer_lost as exc:
+        print(f"train_cifar: error: another process of the job failed ({first_line(exc)})", file=sys.stderr)
+        return 1
     return 0
 
 
