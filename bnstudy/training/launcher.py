@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from torch.distributed import DistBackendError
 
+    from bnstudy.distributed.collectives import requested_transport
     from bnstudy.distributed.process_group import init_from_env, shutdown
     from bnstudy.distributed.shm_allreduce import PeerLostError
     from bnstudy.errors import UserError, first_line
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     peer_lost = (PeerLostError, DistBackendError)  # another rank died: there is nobody to part with
     try:
         config.validate()
+        if config.norm == "syncbn":
+            requested_transport()
         env = init_from_env(config.device)
         try:
             train(config, env)
