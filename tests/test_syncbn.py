@@ -42,12 +42,14 @@ STEPS = 2
 
 
 def case_data(
-    layer: str, sizes: tuple[int, ...], step: int, case: int
+    layer: str, sizes: tuple[int, ...], step: int, case: int, bf16: bool = False
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-rank inputs (shifted and scaled, so mean and variance matter) and output gradients."""
+    """Per-rank inputs (shifted and scaled, so mean and variance matter) and output gradients; in bf16 as a conv
+    under autocast would hand them over."""
     gen = torch.Generator().manual_seed(1000 * case + step)
-    xs = [torch.randn(n, C, *SHAPES[layer], generator=gen, dtype=torch.float64).float() * 2.5 + 1.5 for n in sizes]
-    gs = [torch.randn(n, C, *SHAPES[layer], generator=gen) for n in sizes]
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    xs = [(torch.randn(n, C, *SHAPES[layer], generator=gen, dtype=torch.float64) * 2.5 + 1.5).to(dtype) for n in sizes]
+    gs = [torch.randn(n, C, *SHAPES[layer], generator=gen).to(dtype) for n in sizes]
     return xs, gs
 
 
@@ -67,10 +69,21 @@ def _biased_in_wrong_place(counts, means, variances):
 _correct_combine = syncbn.combine_statistics
 
 
-def _run_cases(rank: int, world_size: int, cases: list, out: str, mutate: bool, transport: str = "auto") -> None:
+def _reduced_in_bf16(counts, means, variances):
+    """A deliberately wrong sync BN under autocast: combines the statistics in bf16."""
+    total, mean, var = _correct_combine(counts.bfloat16(), means.bfloat16(), variances.bfloat16())
+    return total.float(), mean.float(), var.float()
+
+
+MUTATIONS = {"unbiased-normaliser": _biased_in_wrong_place, "bf16-statistics": _reduced_in_bf16}
+
+
+def _run_cases(
+    rank: int, world_size: int, cases: list, out: str, mutate: str | None, transport: str = "auto", bf16: bool = False
+) -> None:
     os.environ[TRANSPORT_ENV] = transport
     if mutate:
-        syncbn.combine_statistics = _biased_in_wrong_place
+        syncbn.combine_statistics = MUTATIONS[mutate]
     results = []
     for index, (layer, sizes, options) in enumerate(cases):
         bn = SyncBatchNorm(C, **options)
@@ -78,9 +91,10 @@ def _run_cases(rank: int, world_size: int, cases: list, out: str, mutate: bool, 
         model = DistributedDataParallel(bn, broadcast_buffers=False) if bn.affine else bn
         steps = []
         for step in range(STEPS):
-            xs, gs = case_data(layer, sizes, step, index)
+            xs, gs = case_data(layer, sizes, step, index, bf16)
             x = xs[rank].clone().requires_grad_()
-            y = model(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = model(x)
             if bn.affine:
                 bn.weight.grad = bn.bias.grad = None
             (y * gs[rank]).sum().backward()
@@ -98,14 +112,15 @@ def _run_cases(rank: int, world_size: int, cases: list, out: str, mutate: bool, 
     (Path(out) / f"transport{rank}.txt").write_text(select_transport(world_group_for_syncbn()))
 
 
-def _reference(layer: str, sizes: tuple[int, ...], options: dict, index: int) -> dict:
+def _reference(layer: str, sizes: tuple[int, ...], options: dict, index: int, bf16: bool = False) -> dict:
     bn = PLAIN[layer](C, **options)
     init_affine(bn)
     steps = []
     for step in range(STEPS):
-        xs, gs = case_data(layer, sizes, step, index)
+        xs, gs = case_data(layer, sizes, step, index, bf16)
         x = torch.cat(xs).requires_grad_()
-        y = bn(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = bn(x)
         if bn.affine:
             bn.weight.grad = bn.bias.grad = None
         (y * torch.cat(gs)).sum().backward()
@@ -120,26 +135,37 @@ def _reference(layer: str, sizes: tuple[int, ...], options: dict, index: int) ->
     return {"steps": steps, "state": bn.state_dict()}
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+# bf16 keeps 8 significant bits: outputs and input gradients (bf16) may differ by a couple of units in the last
+# place (2^-8 relative), since sync BN sums in another order and rounds dx once more; weight and bias gradients are
+# fp32 sums of bf16 products; running statistics are fp32 on both sides and must agree to fp32 rounding.
+BF16_ULP = 2.0**-8
 
 
-def compare(cases: list, world_size: int, out) -> list[str]:
+def _close(a: torch.Tensor, b: torch.Tensor, bf16: bool = False) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if bf16 and a.dtype == torch.bfloat16:
+        return torch.allclose(a.float(), b.float(), rtol=2 * BF16_ULP, atol=4 * BF16_ULP)
+    tol = 1e-3 if bf16 else 1e-5
+    return torch.allclose(a, b, rtol=tol, atol=tol)
+
+
+def compare(cases: list, world_size: int, out, bf16: bool = False) -> list[str]:
     """Every mismatch between the ranks' results and the single-process reference, as readable strings."""
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     problems = []
     for index, (layer, sizes, options) in enumerate(cases):
-        ref = _reference(layer, sizes, options, index)
+        ref = _reference(layer, sizes, options, index, bf16)
         name = f"{layer} sizes={sizes} {options}"
         for step in range(STEPS):
             for key in ("y", "dx"):
                 got = torch.cat([ranks[r][index]["steps"][step][key] for r in range(world_size)])
-                if not _close(got, ref["steps"][step][key]):
+                if not _close(got, ref["steps"][step][key], bf16):
                     problems.append(f"{name} step {step}: {key} differs")
             for key in ("dw", "db"):
                 if ref["steps"][step][key] is not None:
                     for r in range(world_size):
-                        if not _close(ranks[r][index]["steps"][step][key], ref["steps"][step][key]):
+                        if not _close(ranks[r][index]["steps"][step][key], ref["steps"][step][key], bf16):
                             problems.append(f"{name} step {step}: {key} differs on rank {r}")
         for key, value in ref["state"].items():
             for r in range(world_size):
@@ -151,7 +177,7 @@ def compare(cases: list, world_size: int, out) -> list[str]:
 @pytest.mark.parametrize("transport", TRANSPORTS_HERE)
 @pytest.mark.parametrize("world_size,cases", [(2, CASES_2), (3, CASES_3)], ids=["2-ranks", "3-ranks"])
 def test_sync_bn_equals_bn_on_concatenated_batch(world_size, cases, transport, tmp_path):
-    spawn_gloo(_run_cases, world_size, cases, str(tmp_path), False, transport)
+    spawn_gloo(_run_cases, world_size, cases, str(tmp_path), None, transport)
     assert compare(cases, world_size, tmp_path) == []
     assert {(tmp_path / f"transport{r}.txt").read_text() for r in range(world_size)} == {transport}
 
@@ -159,10 +185,34 @@ def test_sync_bn_equals_bn_on_concatenated_batch(world_size, cases, transport, t
 @pytest.mark.parametrize("transport", TRANSPORTS_HERE)
 def test_equivalence_check_catches_unbiased_variance_in_normaliser(transport, tmp_path):
     cases = [("bn2d", (3, 5), {})]
-    spawn_gloo(_run_cases, 2, cases, str(tmp_path), True, transport)
+    spawn_gloo(_run_cases, 2, cases, str(tmp_path), "unbiased-normaliser", transport)
     problems = compare(cases, 2, tmp_path)
     assert any(": y differs" in p for p in problems)
     assert any("running_var" in p for p in problems)
+
+
+BF16_CASES_2 = [
+    ("bn2d", (3, 5), {}),
+    ("bn1d-2d", (4, 4), {}),
+    ("bn2d", (3, 5), {"affine": False}),
+    ("bn2d", (0, 5), {}),
+]
+BF16_CASES_3 = [("bn2d", (2, 3, 4), {}), ("bn3d", (1, 2, 2), {})]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS_HERE)
+@pytest.mark.parametrize("world_size,cases", [(2, BF16_CASES_2), (3, BF16_CASES_3)], ids=["2-ranks", "3-ranks"])
+def test_sync_bn_under_bf16_autocast_equals_bn_under_autocast(world_size, cases, transport, tmp_path):
+    spawn_gloo(_run_cases, world_size, cases, str(tmp_path), None, transport, True)
+    assert compare(cases, world_size, tmp_path, bf16=True) == []
+    y = torch.load(tmp_path / "rank0.pt", weights_only=True)[0]["steps"][0]["y"]
+    assert y.dtype == torch.bfloat16  # the output dtype nn.BatchNorm gives under CPU autocast
+
+
+def test_bf16_check_catches_statistics_reduced_in_bf16(tmp_path):
+    cases = [("bn2d", (3, 5), {})]
+    spawn_gloo(_run_cases, 2, cases, str(tmp_path), "bf16-statistics", "auto", True)
+    assert any("running_mean" in p or "running_var" in p for p in compare(cases, 2, tmp_path, bf16=True))
 
 
 def _train_converted(rank: int, world_size: int, out: str) -> None:

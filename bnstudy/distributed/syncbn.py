@@ -43,18 +43,21 @@ class _CpuSyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, process_group, world_size):
         channels = x.shape[1]
         count = x.numel() // channels if channels else 0
+        # Statistics in the parameters' precision, fp32 for bf16/fp16 input under autocast, as nn.BatchNorm keeps
+        # them: the native kernel reduces in fp32 and returns fp32 statistics when it is given an fp32 weight.
+        stat_weight = weight if weight is not None else torch.ones(channels, dtype=_statistics_dtype(x))
         if count > 0:
             _, local_mean, local_invstd = torch.ops.aten._native_batch_norm_legit.no_stats(
-                x, None, None, True, 0.0, eps
+                x, stat_weight, None, True, 0.0, eps
             )
             local_var = local_invstd.pow(-2) - eps
         else:
-            local_mean = x.new_zeros(channels)
-            local_var = x.new_zeros(channels)
+            local_mean = stat_weight.new_zeros(channels)
+            local_var = stat_weight.new_zeros(channels)
         # Each rank fills its own row and one all-reduce assembles the table (an all-gather on every backend).
-        rows = x.new_zeros(world_size, 1 + 2 * channels)
+        rows = local_mean.new_zeros(world_size, 1 + 2 * channels)
         rows[dist.get_rank(process_group)] = torch.cat(
-            [x.new_tensor([float(count)]), local_mean, local_var.clamp(min=0)]
+            [local_mean.new_tensor([float(count)]), local_mean, local_var.clamp(min=0)]
         )
         syncbn_all_reduce(rows, process_group)
         total, mean, var = combine_statistics(rows[:, 0], rows[:, 1 : 1 + channels], rows[:, 1 + channels :])
@@ -86,8 +89,8 @@ class _CpuSyncBatchNormFunction(torch.autograd.Function):
                 grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True]
             )
         else:
-            grad_weight = x.new_zeros(channels)
-            grad_bias = x.new_zeros(channels)
+            grad_weight = mean.new_zeros(channels)
+            grad_bias = mean.new_zeros(channels)
         sums = torch.cat([grad_bias, grad_weight])
         syncbn_all_reduce(sums, ctx.process_group)
         sum_dy, sum_dy_xhat = sums[:channels], sums[channels:]
@@ -101,6 +104,11 @@ class _CpuSyncBatchNormFunction(torch.autograd.Function):
         if weight is None:
             return grad_in, None, None, None, None, None, None, None, None
         return grad_in, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _statistics_dtype(x: Tensor) -> torch.dtype:
+    """float32 for reduced-precision input, else the input's own dtype (float64 stays float64)."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
