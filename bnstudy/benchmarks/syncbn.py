@@ -11,7 +11,9 @@ import torch
 
 from bnstudy.benchmarks.steps import training_step_times
 from bnstudy.distributed.process_group import spawn_gloo
-from bnstudy.models import create_model
+from bnstudy.errors import check_at_least
+from bnstudy.models import check_image_model, create_model
+from bnstudy.norms import check_norm_batch
 
 
 def _worker(rank: int, world_size: int, model_name: str, batches: list[int], steps: int, rounds: int, out: str) -> None:
@@ -28,10 +30,20 @@ def _worker(rank: int, world_size: int, model_name: str, batches: list[int], ste
         Path(out).write_text(json.dumps(results))
 
 
+def check_syncbn_options(model: str, batches: tuple[int, ...], steps: int, rounds: int, world_size: int) -> None:
+    """Refuse options the workers would fail on, before any process is spawned."""
+    check_image_model(model)
+    for name, value in (("--steps", steps), ("--rounds", rounds), ("world size", world_size)):
+        check_at_least(name, value, 1)
+    for batch in batches:
+        check_norm_batch("bn", batch, world_size, "--batches")  # plain BN, the stricter half of the comparison
+
+
 def benchmark_syncbn(
     model: str = "resnet", batches: tuple[int, ...] = (8, 64), steps: int = 10, rounds: int = 2, world_size: int = 2
 ) -> dict:
     """Median DDP step time per norm and per-rank batch size, and the syncbn/bn ratio, measured in one run."""
+    check_syncbn_options(model, batches, steps, rounds, world_size)
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = Path(tmp) / "raw.json"
         spawn_gloo(_worker, world_size, model, list(batches), steps, rounds, str(raw_path), threads=1)
