@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from bnstudy.errors import UserError, check_at_least
 from bnstudy.io import check_writable, save_png
+from bnstudy.training.checkpoint import load_checkpoint
 from bnstudy.training.config import TrainConfig, option_name
 from bnstudy.training.run_data import RunData, check_run_fits, load_run_data
-from bnstudy.training.run_directory import CHECKPOINT, read_config, read_summary
+from bnstudy.training.run_directory import CHECKPOINT, check_new_run, read_summary
 
 DEFAULT_OUT = Path("runs/sweep")
 QUICK_OUT = Path("runs/sweep-quick")  # apart from the full sweep's, so neither ever reuses the other's points
@@ -118,24 +119,21 @@ def recorded_settings(config: TrainConfig, data: RunData, world_size: int) -> di
 
 
 def _point_state(config: TrainConfig, wanted: dict[str, Any]) -> str:
-    """The point's state: new, finished or interrupted; a UserError when it holds a run with other settings."""
-    stored = read_config(config.out)
-    if stored is None:
-        if (Path(config.out) / CHECKPOINT).exists():
-            raise UserError(f"{config.out} holds a checkpoint but no config.json; delete it or pass another --out")
+    """The point's state: new, finished or interrupted; a UserError when its directory holds something else or a
+    run with other settings. A run's settings are read from its checkpoint, the record --resume trusts too."""
+    out = Path(config.out)
+    if not (out / CHECKPOINT).exists():
+        check_new_run(out)
         return "new"
-    recorded = {**TrainConfig.from_dict(stored).settings(), **{k: stored.get(k) for k in wanted if k in stored}}
+    stored = load_checkpoint(out / CHECKPOINT)["config"]
+    recorded = {**TrainConfig.from_dict(stored).settings(), **{k: stored[k] for k in wanted if k in stored}}
     for key, value in wanted.items():
         if recorded.get(key) != value:
             raise UserError(
-                f"{config.out} holds a run with {key}={recorded.get(key)!r}, this sweep asks for {value!r}; pass "
-                "another --out, or delete that directory to rerun the point"
+                f"{out} holds a run with {key}={recorded.get(key)!r}, this sweep asks for {value!r}; pass another "
+                "--out, or delete that directory to rerun the point"
             )
-    if read_summary(config.out) is not None:
-        return "finished"
-    if not (Path(config.out) / CHECKPOINT).exists():
-        raise UserError(f"{config.out} holds config.json but no checkpoint; delete it or pass another --out")
-    return "interrupted"
+    return "finished" if read_summary(out) is not None else "interrupted"
 
 
 def plan_sweep(plan: SweepPlan, out: Path) -> list[SweepPoint]:
@@ -183,7 +181,10 @@ def run_sweep(points: list[SweepPoint], nproc: int, out: Path) -> dict[str, dict
                 raise UserError(
                     f"sweep point {point.norm} batch {point.batch} failed (exit {done.returncode}); see {log}"
                 )
-        results.setdefault(point.norm, {})[point.batch] = read_summary(point.out)["final_test_acc"]
+        summary = read_summary(point.out)
+        if summary is None:  # e.g. a checkpoint of the last epoch, then a crash before summary.json
+            raise UserError(f"{point.out} has no summary.json after its run; delete it to rerun the point")
+        results.setdefault(point.norm, {})[point.batch] = summary["final_test_acc"]
     return results
 
 
