@@ -364,6 +364,13 @@ def test_under_torchrun_the_error_is_printed_once_and_every_rank_exits_2(tmp_pat
     assert not list(tmp_path.iterdir())
 
 
+def test_a_bad_syncbn_transport_is_refused_before_the_process_group(shared, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BNSTUDY_SYNCBN_TRANSPORT", "carrier-pigeon")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # checked before any process group: none is created
+    expected = "BNSTUDY_SYNCBN_TRANSPORT='carrier-pigeon' is not a transport"
+    assert_refused(train_main, f"{SMALL} --norm syncbn", "", expected, shared, tmp_path, capsys, monkeypatch)
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 @pytest.mark.parametrize("writer", ["bnstudy.io", "deploy.edge"])
 def test_atomic_writes_get_the_permissions_the_umask_gives(writer, umask, mode, tmp_path):

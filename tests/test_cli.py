@@ -23,6 +23,8 @@ def test_training_benchmarks_write_ratios(tmp_path):
     """Smoke test of the two DDP benchmarks at toy size: the numbers are meaningless, the plumbing is not."""
     import json
 
+    from bnstudy.benchmarks.syncbn import transports_here
+
     syncbn = tmp_path / "syncbn.json"
     done = subprocess.run(
         [
@@ -46,8 +48,11 @@ def test_training_benchmarks_write_ratios(tmp_path):
         text=True,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    (row,) = json.loads(syncbn.read_text())["results"]
-    assert row["images_per_rank"] == 4 and row["ratio"] == row["syncbn_step_s"] / row["bn_step_s"] > 0
+    rows = json.loads(syncbn.read_text())["results"]
+    assert [row["transport"] for row in rows] == list(transports_here())
+    for row in rows:
+        assert row["images_per_rank"] == 4 and row["ratio"] == row["syncbn_step_s"] / row["bn_step_s"] > 0
+    assert rows[0]["bn_step_s"] == rows[-1]["bn_step_s"]  # one plain-BN measurement shared by the transports
 
     ddp = tmp_path / "ddp.json"
     done = subprocess.run(

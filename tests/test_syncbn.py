@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -9,11 +12,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import bnstudy.distributed.syncbn as syncbn
+from bnstudy.distributed.collectives import TRANSPORT_ENV, select_transport, world_group_for_syncbn
 from bnstudy.distributed.process_group import spawn_gloo
+from bnstudy.distributed.shm_allreduce import fast_path_supported
 from bnstudy.distributed.syncbn import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 from bnstudy.models import seed_cnn
 
 C = 3
+# Both sync-BN transports where this CPU has the shared-memory one (x86-64); gloo alone elsewhere.
+TRANSPORTS_HERE = ["gloo", "shm"] if fast_path_supported() else ["gloo"]
 SHAPES = {"bn1d-2d": (), "bn1d-3d": (5,), "bn2d": (4, 3), "bn3d": (2, 3, 2)}
 PLAIN = {"bn1d-2d": nn.BatchNorm1d, "bn1d-3d": nn.BatchNorm1d, "bn2d": nn.BatchNorm2d, "bn3d": nn.BatchNorm3d}
 # (layer, per-rank batch sizes, options)
@@ -60,7 +67,8 @@ def _biased_in_wrong_place(counts, means, variances):
 _correct_combine = syncbn.combine_statistics
 
 
-def _run_cases(rank: int, world_size: int, cases: list, out: str, mutate: bool) -> None:
+def _run_cases(rank: int, world_size: int, cases: list, out: str, mutate: bool, transport: str = "auto") -> None:
+    os.environ[TRANSPORT_ENV] = transport
     if mutate:
         syncbn.combine_statistics = _biased_in_wrong_place
     results = []
@@ -87,6 +95,7 @@ def _run_cases(rank: int, world_size: int, cases: list, out: str, mutate: bool) 
         state = {k: v.clone() for k, v in bn.state_dict().items()}
         results.append({"steps": steps, "state": state})
     torch.save(results, f"{out}/rank{rank}.pt")
+    (Path(out) / f"transport{rank}.txt").write_text(select_transport(world_group_for_syncbn()))
 
 
 def _reference(layer: str, sizes: tuple[int, ...], options: dict, index: int) -> dict:
@@ -139,15 +148,18 @@ def compare(cases: list, world_size: int, out) -> list[str]:
     return problems
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS_HERE)
 @pytest.mark.parametrize("world_size,cases", [(2, CASES_2), (3, CASES_3)], ids=["2-ranks", "3-ranks"])
-def test_sync_bn_equals_bn_on_concatenated_batch(world_size, cases, tmp_path):
-    spawn_gloo(_run_cases, world_size, cases, str(tmp_path), False)
+def test_sync_bn_equals_bn_on_concatenated_batch(world_size, cases, transport, tmp_path):
+    spawn_gloo(_run_cases, world_size, cases, str(tmp_path), False, transport)
     assert compare(cases, world_size, tmp_path) == []
+    assert {(tmp_path / f"transport{r}.txt").read_text() for r in range(world_size)} == {transport}
 
 
-def test_equivalence_check_catches_unbiased_variance_in_normaliser(tmp_path):
+@pytest.mark.parametrize("transport", TRANSPORTS_HERE)
+def test_equivalence_check_catches_unbiased_variance_in_normaliser(transport, tmp_path):
     cases = [("bn2d", (3, 5), {})]
-    spawn_gloo(_run_cases, 2, cases, str(tmp_path), True)
+    spawn_gloo(_run_cases, 2, cases, str(tmp_path), True, transport)
     problems = compare(cases, 2, tmp_path)
     assert any(": y differs" in p for p in problems)
     assert any("running_var" in p for p in problems)

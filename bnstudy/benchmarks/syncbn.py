@@ -1,4 +1,5 @@
-"""DDP step time with plain BN vs bnstudy's SyncBatchNorm (2 processes × 1 thread, gloo)."""
+"""DDP step time with plain BN vs bnstudy's SyncBatchNorm over each CPU transport (gloo, shared memory),
+2 processes × 1 thread, measured interleaved in one run."""
 
 from __future__ import annotations
 
@@ -8,24 +9,39 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from bnstudy.benchmarks.steps import training_step_times
+from bnstudy.distributed.collectives import select_transport
 from bnstudy.distributed.process_group import spawn_gloo
+from bnstudy.distributed.shm_allreduce import fast_path_supported
+from bnstudy.distributed.syncbn import convert_sync_batchnorm
 from bnstudy.errors import check_at_least
 from bnstudy.models import check_image_model, create_model
 from bnstudy.norms import check_norm_batch
 
 
+def transports_here() -> tuple[str, ...]:
+    """The sync-BN transports this machine can run between local processes."""
+    return ("gloo", "shm") if fast_path_supported() else ("gloo",)
+
+
 def _worker(rank: int, world_size: int, model_name: str, batches: list[int], steps: int, rounds: int, out: str) -> None:
-    torch.manual_seed(0)
+    groups = {}
+    for transport in transports_here():  # one group per transport, so both run in the same processes
+        groups[transport] = dist.new_group(backend="gloo")
+        select_transport(groups[transport], transport)
     results: dict[str, dict[str, list[float]]] = {}
     for batch in batches:
-        per_norm: dict[str, list[float]] = {"bn": [], "syncbn": []}
-        models = {norm: create_model(model_name, norm).to(memory_format=torch.channels_last) for norm in per_norm}
-        for _ in range(rounds):  # alternate so drift in machine load hits both alike
-            for norm, model in models.items():
-                per_norm[norm] += training_step_times(model, batch, steps)
-        results[str(batch)] = per_norm
+        torch.manual_seed(0)
+        models = {"bn": create_model(model_name, "bn")}
+        for transport, group in groups.items():
+            models[transport] = convert_sync_batchnorm(create_model(model_name, "bn"), process_group=group)
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(rounds):  # alternate so drift in machine load hits every variant alike
+            for name, model in models.items():
+                times[name] += training_step_times(model, batch, steps)
+        results[str(batch)] = times
     if rank == 0:
         Path(out).write_text(json.dumps(results))
 
@@ -42,24 +58,28 @@ def check_syncbn_options(model: str, batches: tuple[int, ...], steps: int, round
 def benchmark_syncbn(
     model: str = "resnet", batches: tuple[int, ...] = (8, 64), steps: int = 10, rounds: int = 2, world_size: int = 2
 ) -> dict:
-    """Median DDP step time per norm and per-rank batch size, and the syncbn/bn ratio, measured in one run."""
+    """Median DDP step time of plain BN and of SyncBN over each transport, per per-rank batch size, and the
+    syncbn/bn ratios, all measured in one run."""
     check_syncbn_options(model, batches, steps, rounds, world_size)
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = Path(tmp) / "raw.json"
         spawn_gloo(_worker, world_size, model, list(batches), steps, rounds, str(raw_path), threads=1)
         raw = json.loads(raw_path.read_text())
     rows = []
-    for batch, per_norm in raw.items():
-        bn, sync = statistics.median(per_norm["bn"]), statistics.median(per_norm["syncbn"])
-        rows.append(
-            {
-                "images_per_rank": int(batch),
-                "bn_step_s": bn,
-                "syncbn_step_s": sync,
-                "ratio": sync / bn,
-                "samples": len(per_norm["bn"]),
-            }
-        )
+    for batch, times in raw.items():
+        bn = statistics.median(times["bn"])
+        for transport in transports_here():
+            sync = statistics.median(times[transport])
+            rows.append(
+                {
+                    "images_per_rank": int(batch),
+                    "transport": transport,
+                    "bn_step_s": bn,
+                    "syncbn_step_s": sync,
+                    "ratio": sync / bn,
+                    "samples": len(times[transport]),
+                }
+            )
     return {
         "model": model,
         "world_size": world_size,

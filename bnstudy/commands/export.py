@@ -68,6 +68,7 @@ def check_options(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from bnstudy.edge.fold import fold_report_lines
     from bnstudy.edge.onnx_export import check_opset, export_onnx, verify_onnx
     from bnstudy.edge.sources import check_input, load_source, real_test_images
     from bnstudy.io import write_json
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         affine_fallback=not args.keep_bn,
     )
     if report.fold is not None:
-        print("\n".join(report.fold.lines()))
+        print("\n".join(fold_report_lines(report.fold)))
     else:
         print("fold: off (--no-fold-bn): BatchNormalization nodes kept")
     print(f"wrote {args.out} (opset {report.opset}, dynamic batch: {'yes' if report.dynamic_batch else 'NO'})")

@@ -1,5 +1,11 @@
-"""The collectives sync BN issues, and the profiler labels they carry (trace attribution imports them from here,
-so a renamed label cannot silently stop counting as BN synchronisation)."""
+"""The collectives sync BN issues, over the transport chosen for its group, and the profiler label they carry
+(trace attribution imports it from here, so a renamed label cannot silently stop counting as BN synchronisation).
+
+Transports on CPU: ``shm`` (a shared-memory exchange, :mod:`bnstudy.distributed.shm_allreduce`) when every rank of
+the group runs on this host on x86-64, else ``gloo``. ``BNSTUDY_SYNCBN_TRANSPORT=auto|shm|gloo`` forces a choice;
+``BNSTUDY_SYNCBN_TIMEOUT_S`` sets how long a shared-memory exchange waits for a late rank (default 60 s). On CUDA,
+sync BN runs PyTorch's own kernels over the group's backend (nccl).
+"""
 
 from __future__ import annotations
 
@@ -9,23 +15,75 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from bnstudy.distributed.process_group import all_reduce_polling
+from bnstudy.distributed.shm_allreduce import (
+    DEFAULT_TIMEOUT_S,
+    ShmAllReduce,
+    fast_path_supported,
+    ranks_share_host,
+)
+from bnstudy.errors import UserError
+
 # Any record_function label starting with this counts as BN synchronisation in trace attribution.
 SYNCBN_LABEL_PREFIX = "bnstudy.syncbn."
 SYNCBN_ALL_REDUCE = SYNCBN_LABEL_PREFIX + "all_reduce"
 
+TRANSPORT_ENV = "BNSTUDY_SYNCBN_TRANSPORT"
+TIMEOUT_ENV = "BNSTUDY_SYNCBN_TIMEOUT_S"
+TRANSPORTS = ("auto", "shm", "gloo")
 
-def all_reduce_polling(tensor: Tensor, group: dist.ProcessGroup) -> None:
-    """In-place sum over ``group``, waiting by polling with ``sched_yield`` rather than blocking.
 
-    A blocked waiter lets its CPU go idle, and on virtual machines waking an idle CPU can cost milliseconds: far
-    more than the all-reduce of a few hundred floats. Yielding keeps the core awake and still lets gloo's own
-    threads run.
-    """
+def requested_transport() -> str:
+    """The transport ``BNSTUDY_SYNCBN_TRANSPORT`` asks for (default auto); a one-line error for anything else."""
+    value = os.environ.get(TRANSPORT_ENV, "auto").strip().lower() or "auto"
+    if value not in TRANSPORTS:
+        raise UserError(f"{TRANSPORT_ENV}={value!r} is not a transport; use one of {', '.join(TRANSPORTS)}")
+    return value
+
+
+def _timeout_s() -> float:
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UserError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
+    return value
+
+
+_transports: dict[dist.ProcessGroup, ShmAllReduce | None] = {}
+
+
+def select_transport(group: dist.ProcessGroup, requested: str | None = None) -> str:
+    """Choose (once per group; a collective, so every rank calls it) and return the name of the transport sync BN's
+    all-reduces use on ``group``: "shm", "gloo", or the group's backend when it is not gloo. ``requested``
+    (auto | shm | gloo) overrides ``BNSTUDY_SYNCBN_TRANSPORT``."""
+    backend = dist.get_backend(group)
+    if backend != "gloo":
+        return backend
+    if group not in _transports:
+        requested = requested or requested_transport()
+        timeout_s = _timeout_s()
+        use_shm = requested != "gloo" and fast_path_supported() and ranks_share_host(group)
+        if requested == "shm" and not use_shm:
+            why = "this CPU is not x86-64" if not fast_path_supported() else "the ranks are not all on this host"
+            raise UserError(f"{TRANSPORT_ENV}=shm but {why}; use {TRANSPORT_ENV}=auto or gloo")
+        _transports[group] = ShmAllReduce(group, timeout_s=timeout_s, label=SYNCBN_ALL_REDUCE) if use_shm else None
+    return "gloo" if _transports[group] is None else "shm"
+
+
+def syncbn_all_reduce(tensor: Tensor, group: dist.ProcessGroup) -> None:
+    """In-place sum over ``group`` for sync BN, over the group's transport (chosen on first use)."""
+    select_transport(group)
+    transport = _transports.get(group)
+    if transport is not None:
+        transport.all_reduce(tensor)
+        return
     with torch.profiler.record_function(SYNCBN_ALL_REDUCE):
-        work = dist.all_reduce(tensor, group=group, async_op=True)
-        while not work.is_completed():
-            os.sched_yield()
-        work.wait()
+        all_reduce_polling(tensor, group)
 
 
 _syncbn_groups: dict[object, dist.ProcessGroup] = {}

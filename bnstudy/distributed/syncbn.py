@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules._functions import SyncBatchNorm as _CudaSyncBatchNormFunction
 
-from bnstudy.distributed.collectives import all_reduce_polling, world_group_for_syncbn
+from bnstudy.distributed.collectives import syncbn_all_reduce, world_group_for_syncbn
 
 __all__ = ["SyncBatchNorm", "BatchNormXd", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
@@ -56,7 +56,7 @@ class _CpuSyncBatchNormFunction(torch.autograd.Function):
         rows[dist.get_rank(process_group)] = torch.cat(
             [x.new_tensor([float(count)]), local_mean, local_var.clamp(min=0)]
         )
-        all_reduce_polling(rows, process_group)
+        syncbn_all_reduce(rows, process_group)
         total, mean, var = combine_statistics(rows[:, 0], rows[:, 1 : 1 + channels], rows[:, 1 + channels :])
         total = int(total.item())
         if total <= 1:
@@ -89,7 +89,7 @@ class _CpuSyncBatchNormFunction(torch.autograd.Function):
             grad_weight = x.new_zeros(channels)
             grad_bias = x.new_zeros(channels)
         sums = torch.cat([grad_bias, grad_weight])
-        all_reduce_polling(sums, ctx.process_group)
+        syncbn_all_reduce(sums, ctx.process_group)
         sum_dy, sum_dy_xhat = sums[:channels], sums[channels:]
         scale = invstd if weight is None else weight * invstd
         # dx = scale * (dy - sum_dy/N - xhat * sum_dy_xhat/N) = scale*dy + k_x*x + k_0

@@ -8,7 +8,9 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
@@ -138,6 +140,27 @@ def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> nn.Modu
 # ------------------------------------------------------------------------------------------------ graph rewrite
 
 
+def fold_report_lines(report: Mapping[str, Any]) -> list[str]:
+    """A human-readable account of a fold report (:meth:`FoldReport.to_dict` form, as stored in exports), one line
+    per BN."""
+    sides = Counter(entry["side"] for entry in report["folded"])
+    out = [
+        f"fold ({report['method']}): {len(report['folded'])} BN folded ({sides['output']} into the layer before, "
+        f"{sides['input']} into the layer after), {len(report['affine'])} turned into affine, "
+        f"{len(report['kept'])} kept"
+    ]
+    for entry in report["folded"]:
+        if entry["side"] == "input":
+            out.append(f"  folded  {entry['bn']} → {entry['layer']}")
+        else:
+            through = f" (through {entry['through']})" if "through" in entry else ""
+            out.append(f"  folded  {entry['layer']} ← {entry['bn']}{through}")
+    out += [f"  affine  {entry['bn']}: {entry['reason']}" for entry in report["affine"]]
+    out += [f"  kept    {entry['bn']}: {entry['reason']}" for entry in report["kept"]]
+    out += [f"  warning {message}" for message in report["warnings"]]
+    return out
+
+
 @dataclass
 class FoldReport:
     """What :func:`fold_batchnorm` did with each BN call: folded into a layer, turned into an affine, or kept."""
@@ -153,21 +176,7 @@ class FoldReport:
 
     def lines(self) -> list[str]:
         """A human-readable account, one line per BN."""
-        sides = Counter(entry["side"] for entry in self.folded)
-        out = [
-            f"fold ({self.method}): {len(self.folded)} BN folded ({sides['output']} into the layer before, "
-            f"{sides['input']} into the layer after), {len(self.affine)} turned into affine, {len(self.kept)} kept"
-        ]
-        for entry in self.folded:
-            if entry["side"] == "input":
-                out.append(f"  folded  {entry['bn']} → {entry['layer']}")
-            else:
-                through = f" (through {entry['through']})" if "through" in entry else ""
-                out.append(f"  folded  {entry['layer']} ← {entry['bn']}{through}")
-        out += [f"  affine  {entry['bn']}: {entry['reason']}" for entry in self.affine]
-        out += [f"  kept    {entry['bn']}: {entry['reason']}" for entry in self.kept]
-        out += [f"  warning {message}" for message in self.warnings]
-        return out
+        return fold_report_lines(self.to_dict())
 
 
 @dataclass

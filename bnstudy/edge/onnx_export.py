@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from bnstudy import __version__
-from bnstudy.edge.fold import FoldReport, fold_inference_copy, inference_copy
+from bnstudy.edge.fold import fold_inference_copy, inference_copy
 from bnstudy.errors import UserError, first_line
 from bnstudy.io import atomic_write
 
@@ -70,7 +70,7 @@ class ExportReport:
     output_names: list[str]
     node_counts: dict[str, int]
     node_counts_unfolded: dict[str, int] | None
-    fold: FoldReport | None
+    fold: dict | None  # FoldReport.to_dict(), as stored in the model's metadata
     metadata: dict[str, str]
     export_seconds: float
 
@@ -147,7 +147,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def deployment_metadata(
     config: Mapping[str, Any] | None,
-    fold_report: FoldReport | None,
+    fold_report: dict | None,
     input_shape: Sequence[int],
     output_names: list[str],
 ) -> dict[str, str]:
@@ -167,7 +167,7 @@ def deployment_metadata(
     meta = {
         "version": __version__,
         "fold_bn": "true" if fold_report is not None else "false",
-        "fold_report": json.dumps(fold_report and fold_report.to_dict()),
+        "fold_report": json.dumps(fold_report),
         "config": json.dumps(config, default=str),
         "preprocess": json.dumps(preprocess),
     }
@@ -240,7 +240,7 @@ def export_onnx(
             counts_unfolded = count_nodes(_onnx_program(exported, example, dynamic_batch, opset))
         if fold_bn:
             result = fold_inference_copy(exported, example, affine_fallback=affine_fallback)
-            exported, fold_report = result.model, result.report
+            exported, fold_report = result.model, result.report.to_dict()
         proto = _onnx_program(exported, example, dynamic_batch, opset)
     output_names = [out.name for out in proto.graph.output]
     metadata = deployment_metadata(config, fold_report, example.shape[1:], output_names)

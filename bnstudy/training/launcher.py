@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bnstudy.errors import ArgumentParser, UserError
+from bnstudy.errors import ArgumentParser, UserError, first_line
 from bnstudy.models import IMAGE_MODELS
 from bnstudy.norms import NORM_KINDS
 from bnstudy.training.config import DEVICES, EVAL_BN_MODES, TrainConfig
@@ -112,7 +112,7 @@ def plan_run(given: dict[str, Any], world_size: int) -> tuple[TrainConfig, dict 
     before any process group, model or file exists (so every rank reaches the same verdict on its own)."""
     if not given.get("resume"):
         config = replace(DEFAULTS, **given)
-        config.validate(world_size)
+        _validate(config, world_size)
         from bnstudy.training.run_directory import check_new_run
 
         check_new_run(Path(config.out))
@@ -125,7 +125,7 @@ def plan_run(given: dict[str, Any], world_size: int) -> tuple[TrainConfig, dict 
         raise UserError(f"{out}: nothing to resume (no {CHECKPOINT}); drop --resume to start a run there")
     checkpoint = load_checkpoint(out / CHECKPOINT)
     config = TrainConfig.from_dict(checkpoint["config"]).resumed_with(given)
-    config.validate(world_size)
+    _validate(config, world_size)
     if checkpoint["config"].get("world_size") != world_size:
         raise UserError(
             f"{out} was trained by {checkpoint['config'].get('world_size')} process(es), this job has {world_size}; "
@@ -137,6 +137,15 @@ def plan_run(given: dict[str, Any], world_size: int) -> tuple[TrainConfig, dict 
             f"(pass more than {checkpoint['epoch']} to train it further)"
         )
     return config, checkpoint
+
+
+def _validate(config: TrainConfig, world_size: int) -> None:
+    """The config's checks, and the environment's that this run depends on (BNSTUDY_SYNCBN_TRANSPORT)."""
+    config.validate(world_size)
+    if config.norm == "syncbn" and world_size > 1:
+        from bnstudy.distributed.collectives import requested_transport
+
+        requested_transport()
 
 
 def _env_int(name: str, default: int) -> int:
@@ -156,6 +165,15 @@ def _report(exc: UserError, rank: int) -> int:
     return 2
 
 
+def _peer_lost() -> tuple[type[BaseException], ...]:
+    """The errors that mean another rank died: there is nobody left to part with in order."""
+    from torch.distributed import DistBackendError
+
+    from bnstudy.distributed.shm_allreduce import PeerLostError
+
+    return (PeerLostError, DistBackendError)
+
+
 def _train(config: TrainConfig, checkpoint: dict | None) -> None:
     from bnstudy.distributed.process_group import init_from_env, shutdown
     from bnstudy.training.loop import train
@@ -163,8 +181,12 @@ def _train(config: TrainConfig, checkpoint: dict | None) -> None:
     env = init_from_env(config.device)
     try:
         train(config, env, checkpoint)
-    finally:
-        shutdown()
+    except _peer_lost():
+        raise
+    except BaseException:
+        shutdown()  # every rank raised alike (e.g. a UserError on all ranks): part in order
+        raise
+    shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("train_cifar: interrupted", file=sys.stderr)
         return 130
+    except _peer_lost() as exc:
+        print(f"train_cifar: error: another process of the job failed ({first_line(exc)})", file=sys.stderr)
+        return 1
     return 0
 
 

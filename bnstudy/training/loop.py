@@ -25,6 +25,7 @@ from tqdm import tqdm
 from bnstudy import __version__
 from bnstudy.data import to_model_input
 from bnstudy.distributed.bn_statistics import bn_layers, bn_statistics_report, sync_bn_buffers
+from bnstudy.distributed.collectives import select_transport, world_group_for_syncbn
 from bnstudy.distributed.process_group import DistEnv, all_reduce_sum, main_print
 from bnstudy.errors import UserError, first_line
 from bnstudy.models import create_model
@@ -262,7 +263,15 @@ def checkpoint_config(config: TrainConfig, data: RunData, world_size: int) -> di
     }
 
 
-def environment_info(env: DistEnv) -> dict:
+def syncbn_transport(config: TrainConfig, env: DistEnv) -> str | None:
+    """How sync BN's all-reduces travel in this run (chosen here, on every rank, before training), or None when
+    the run has no sync BN across processes."""
+    if config.norm != "syncbn" or not env.distributed:
+        return None
+    return select_transport(world_group_for_syncbn())
+
+
+def environment_info(env: DistEnv, transport: str | None) -> dict:
     return {
         "bnstudy": __version__,
         "torch": torch.__version__,
@@ -272,6 +281,7 @@ def environment_info(env: DistEnv) -> dict:
         "device": str(env.device),
         "threads_per_process": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
+        "syncbn_transport": transport,
     }
 
 
@@ -288,11 +298,13 @@ def train(config: TrainConfig, env: DistEnv, resume_from: dict | None = None) ->
         main_print(f"\n{'!' * 100}\n{note}\n{'!' * 100}\n")
     if resume_from is not None:
         main_print(f"resuming {out} after epoch {trainer.start_epoch} of {config.epochs}")
-    run_config = {**checkpoint_config(config, trainer.data, env.world_size), **environment_info(env)}
+    transport = syncbn_transport(config, env)
+    run_config = {**checkpoint_config(config, trainer.data, env.world_size), **environment_info(env, transport)}
     writer = RunWriter(out, trainer.start_epoch, run_config) if env.is_main else None
     main_print(
         f"{config.model}/{config.norm} on {trainer.data.description}; {env.world_size} process(es), "
         f"{config.batch_size}/process, backend {env.backend or 'none'}, device {env.device}"
+        + (f", sync BN over {transport}" if transport else "")
     )
     with removed_unless_checkpointed(out) if env.is_main else nullcontext():
         try:
