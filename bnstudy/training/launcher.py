@@ -142,7 +142,7 @@ def plan_run(given: dict[str, Any], world_size: int) -> tuple[TrainConfig, dict 
 def _validate(config: TrainConfig, world_size: int) -> None:
     """The config's checks, and the environment's that this run depends on (BNSTUDY_SYNCBN_TRANSPORT)."""
     config.validate(world_size)
-    if config.norm == "syncbn" and world_size > 1:
+    if config.norm == "syncbn":
         from bnstudy.distributed.collectives import requested_transport
 
         requested_transport()
