@@ -122,9 +122,9 @@ def _load_torchvision(spec: _Spec, root: Path, train: bool, download: bool) -> I
     cls = datasets.CIFAR10 if spec.name == "cifar10" else datasets.MNIST
     try:
         ds = cls(str(root), train=train, download=download)
-    except RuntimeError as exc:
+    except RuntimeError:
         hint = "pass --download to fetch it" if not download else "check the network or use an .npz directory"
-        raise DataError(f"{root}: no torchvision {cls.__name__} data found ({exc}); {hint}") from None
+        raise DataError(f"{root}: no torchvision {cls.__name__} data found, or it is corrupt; {hint}") from None
     x = np.asarray(ds.data)
     y = np.asarray(ds.targets)
     x, y = _validate(spec, x, y, str(root))
@@ -147,6 +147,9 @@ def load_images(name: str, path: str | os.PathLike, split: str = "train", downlo
         return _load_npz(spec, path)
     if (path / f"{split}.npz").is_file():
         return _load_npz(spec, path / f"{split}.npz")
+    if path.is_dir() and any(path.glob("*.npz")):  # an .npz directory missing one split: downloading cannot help
+        found = ", ".join(sorted(p.name for p in path.glob("*.npz")))
+        raise DataError(f"{path}: has {found} but no {split}.npz; add {split}.npz with arrays x (uint8) and y (int64)")
     if not path.exists() and not download:
         raise DataError(
             f"{path}: directory not found; expected {split}.npz or a torchvision {name} root "

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
+from bnstudy.errors import UserError, check_at_least, check_choice
 from bnstudy.norms import has_norm, make_norm
 
 
@@ -103,6 +104,22 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "deep-mlp": deep_mlp,
     "mnist-mlp": mnist_mlp,
 }
+
+
+# The models that take CIFAR-shaped images (N, 3, 32, 32), ``num_classes`` and ``width``: what training and the
+# training benchmarks build. The value is the smallest width the model can be built with (CifarResNet's stem has
+# width // 2 channels).
+IMAGE_MODELS = {"resnet": 2, "seed-cnn": 1}
+
+
+def check_image_model(name: str, width: int | None = None) -> None:
+    """Refuse, in one line, a model training cannot build: an unknown name, a model that does not take CIFAR
+    images, or a width too small for it. Checked before any process starts or any file is written."""
+    if name in MODELS and name not in IMAGE_MODELS:
+        raise UserError(f"--model {name} does not take CIFAR images; choose one of {', '.join(IMAGE_MODELS)}")
+    check_choice("--model", name, IMAGE_MODELS)
+    if width is not None:
+        check_at_least("--width", width, IMAGE_MODELS[name])
 
 
 def create_model(name: str, norm: str = "bn", **kwargs) -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from bnstudy.distributed.syncbn import SyncBatchNorm
+from bnstudy.errors import UserError, check_at_least
 
 NORM_KINDS = ("bn", "syncbn", "gn", "none")
 _BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -39,3 +40,16 @@ def has_norm(kind: str) -> bool:
     if kind not in NORM_KINDS:
         raise ValueError(f"unknown norm {kind!r}; choose one of {', '.join(NORM_KINDS)}")
     return kind != "none"
+
+
+def check_norm_batch(kind: str, batch_per_process: int, world_size: int = 1, option: str = "--batch-size") -> None:
+    """Refuse a batch (``option``, images per process) that is empty or leaves BatchNorm in training mode one value
+    per channel: ``bn`` normalises over one process's batch, ``syncbn`` over all processes' (torch would fail
+    mid-step with a ValueError)."""
+    check_at_least(option, batch_per_process, 1)
+    normalised_over = {"bn": batch_per_process, "syncbn": batch_per_process * world_size}.get(kind, 2)
+    if normalised_over < 2:
+        raise UserError(
+            f"{option} {batch_per_process} leaves {kind} one value per channel over {world_size} process(es); "
+            "use at least 2 images per batch norm"
+        )

@@ -35,9 +35,11 @@ from deploy import latency
 from deploy.edge import (
     EXECUTION_MODES,
     OPTIMIZATION_LEVELS,
+    ArgumentParser,
     DeployError,
     SessionConfig,
     atomic_write,
+    check_writable,
     first_line,
     load_model,
     preprocess,
@@ -147,6 +149,8 @@ def benchmark(
     calls = calls or {1: 300, 64: 30}
     search_calls = search_calls or {1: 30, 64: 4}
     _, spec = load_model(model)
+    if int8 is not None and load_model(int8)[1].shape != spec.shape:
+        raise DeployError(f"--int8 {int8} takes other inputs than {model}; pass the INT8 version of this model")
     images = np.random.default_rng(seed).integers(0, 256, (max(BATCHES), spec.size[0], spec.size[1], spec.channels))
     feeds = {batch: preprocess(images[:batch].astype(np.uint8), spec) for batch in BATCHES}
     candidates: dict[str, list[Callable[[], Runner]]] = {}
@@ -265,7 +269,7 @@ def plot_benchmark(result: dict[str, Any], path: Path) -> Path | None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("model", type=Path, help="fp32 ONNX model exported by `bnstudy export`")
     p.add_argument("--int8", type=Path, help="its INT8 version from deploy/quantize.py")
     p.add_argument("--torch-source", type=Path, help="run directory or checkpoint: adds torch eager (needs torch)")
@@ -278,14 +282,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         if args.threads is not None and args.threads < 1:
             raise DeployError(f"--threads must be at least 1, got {args.threads}")
         if min(args.calls) < 1 or args.rounds < 1:
             raise DeployError("--calls and --rounds must be at least 1")
-        if args.out.is_dir():
-            raise DeployError(f"--out {args.out} is a directory; give a .json file name")
+        if args.out.suffix.lower() == ".png":
+            raise DeployError(f"--out {args.out}: the JSON result needs a name of its own (the PNG goes beside it)")
+        if args.out.resolve() in {p.resolve() for p in (args.model, args.int8) if p}:
+            raise DeployError(f"--out {args.out} would overwrite an input; choose another file name")
+        check_writable(args.out)
         calls = {1: 10, 64: 2} if args.quick else dict(zip(BATCHES, args.calls))
         search_calls = {1: 3, 64: 1} if args.quick else None
         result = benchmark(

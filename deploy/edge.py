@@ -10,6 +10,7 @@ them needs no onnx package.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -38,14 +39,33 @@ class DeployError(Exception):
     """Bad input the user can fix; the scripts print the one-line message and exit with status 2."""
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, short enough for a one-line error."""
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are DeployErrors, so the scripts print them as one line (exit status 2) like every
+    other error instead of the usage block (``bnstudy.errors.ArgumentParser``, repeated: bnstudy is not here)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise DeployError(f"{message}; see {self.prog} --help")
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of ``exc``'s message (its type name when empty), shortened at a word boundary: the same as
+    ``bnstudy.errors.first_line``, repeated here because bnstudy is not installed on the device."""
     text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+    line = text.splitlines()[0].strip() if text else type(exc).__name__
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " …"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` for a temp file beside ``path``, then rename it into place: no half-written results.
+    """Call ``write(tmp)`` for a temp file beside ``path``, then rename it into place: no half-written results, and
+    the permissions the user's umask gives a new file (``mkstemp`` would leave it 0600).
 
     The same contract as ``bnstudy.io.atomic_write``, repeated here because bnstudy is not installed on the device.
     """
@@ -58,11 +78,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def check_writable(path: Path, option: str = "--out") -> None:
+    """Refuse, before the slow work starts, an output ``path`` that cannot be written (``bnstudy.io.check_writable``,
+    repeated: bnstudy is not here)."""
+    if path.is_dir():
+        raise DeployError(f"{option} {path} is a directory; give a file name")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DeployError(f"{option} {path}: {parent} is a file, not a directory; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DeployError(f"{option} {path}: {parent} is not writable; choose a writable location")
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
@@ -136,6 +171,7 @@ class ModelSpec:
     std: tuple[float, ...]
     classes: tuple[str, ...]
     metadata: dict[str, Any]
+    num_classes: int | None = None  # the output's class axis, when the graph fixes it
 
     @property
     def channels(self) -> int:
@@ -192,16 +228,20 @@ def model_spec(session: ort.InferenceSession, path: str | os.PathLike) -> ModelS
     outputs = [node.name for node in session.get_outputs()]
     wanted = (pre.get("output_names") or outputs)[0]
     classes = meta.get("classes") or (meta.get("config") or {}).get("classes") or ()
+    output = wanted if wanted in outputs else outputs[0]
+    output_shape = next(node.shape for node in session.get_outputs() if node.name == output)
+    class_axis = output_shape[-1] if output_shape else None
     return ModelSpec(
         path=where,
         input_name=pre["input_name"],
-        output_name=wanted if wanted in outputs else outputs[0],
+        output_name=output,
         shape=shape,  # type: ignore[arg-type]
         pixel_scale=float(pre["pixel_scale"]),
         mean=tuple(float(v) for v in pre["mean"]),
         std=tuple(float(v) for v in pre["std"]),
         classes=tuple(str(c) for c in classes),
         metadata=meta,
+        num_classes=class_axis if isinstance(class_axis, int) else len(classes) or None,
     )
 
 
@@ -297,6 +337,11 @@ def load_npz(path: Path, spec: ModelSpec, limit: int | None = None) -> Inputs:
     x = check_images(x, spec, str(path))
     if y is not None and (y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer)):
         raise DeployError(f"{path}: y has shape {list(y.shape)} ({y.dtype}), expected {len(x)} integer labels")
+    if y is not None and len(y) and spec.num_classes and (y.min() < 0 or y.max() >= spec.num_classes):
+        raise DeployError(
+            f"{path}: labels y lie in {y.min()}..{y.max()}, the model has classes 0..{spec.num_classes - 1}; "
+            "these labels belong to another dataset"
+        )
     return Inputs(x, [f"{path.name}[{i}]" for i in range(len(x))], y, str(path))
 
 

@@ -24,11 +24,13 @@ if __package__ in (None, ""):  # run as a script: make `deploy` importable from 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deploy.edge import (
+    ArgumentParser,
     DeployError,
     Inputs,
     ModelSpec,
     SessionConfig,
     atomic_write,
+    check_writable,
     load_inputs,
     load_model,
     run_batched,
@@ -41,7 +43,7 @@ PROG = "infer.py"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("model", type=Path, help="ONNX model written by `bnstudy export` (fp32 or INT8)")
     p.add_argument("input", type=Path, help="folder of PNG/JPEG images, one image, or an .npz with x (and y)")
     p.add_argument("--top-k", type=int, default=3, help="classes listed per image (default: 3)")
@@ -60,8 +62,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise DeployError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.threads < 0:
         raise DeployError(f"--threads must be 0 (one per core) or more, got {args.threads}")
-    if args.out is not None and args.out.is_dir():
-        raise DeployError(f"--out {args.out} is a directory; give a file name")
+    if args.out is not None:
+        if args.out.resolve() in (args.model.resolve(), args.input.resolve()):
+            raise DeployError(f"--out {args.out} would overwrite an input; choose another file name")
+        check_writable(args.out)
 
 
 def predictions(logits, inputs: Inputs, spec: ModelSpec, k: int) -> list[dict[str, Any]]:
@@ -139,8 +143,8 @@ def summary_line(document: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         check_args(args)
         document = infer(args)
         fmt = args.format or ("csv" if args.out is not None and args.out.suffix.lower() == ".csv" else "json")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import tempfile
 from collections import Counter
@@ -60,10 +61,13 @@ from onnxruntime.quantization import (
 
 from deploy.edge import (
     METADATA_PREFIX,
+    ArgumentParser,
     DeployError,
     Inputs,
+    ModelSpec,
     SessionConfig,
     atomic_write,
+    check_writable,
     first_line,
     load_inputs,
     load_model,
@@ -278,7 +282,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("model", type=Path, help="fp32 ONNX model exported with `bnstudy export --fold-bn`")
     p.add_argument("--calib", type=Path, required=True, help="calibration images: training .npz, image folder")
     p.add_argument("--out", type=Path, required=True, help="INT8 ONNX file to write")
@@ -298,12 +302,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Quantise, evaluate every variant and return the report."""
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse, before anything is loaded or written, options that cannot be right."""
     if args.calib_size < 1:
         raise DeployError(f"--calib-size must be at least 1, got {args.calib_size}")
-    if args.out.resolve() == args.model.resolve():
-        raise DeployError(f"--out {args.out} would overwrite the fp32 model; choose another file name")
+    if args.threads < 0:
+        raise DeployError(f"--threads must be 0 (one per core) or more, got {args.threads}")
+    report = report_path(args)
+    for option, path in (("--out", args.out), ("--report", report)):
+        if path.resolve() in {p.resolve() for p in (args.model, args.calib, args.test, args.unfolded) if p}:
+            raise DeployError(f"{option} {path} would overwrite an input; choose another file name")
+        check_writable(path, option)
+    if report.resolve() == args.out.resolve():
+        raise DeployError(f"--report {report} is the --out file; give the report a name of its own")
+
+
+def report_path(args: argparse.Namespace) -> Path:
+    return args.report or args.out.with_suffix(".json")
+
+
+def check_model(args: argparse.Namespace) -> ModelSpec:
+    """The fp32 model's spec; the model must be a folded, not yet quantised export, and --unfolded its twin."""
     _, spec = load_model(args.model)
     if spec.metadata.get("quantization"):
         raise DeployError(f"{args.model} is already quantised; pass the fp32 model exported by `bnstudy export`")
@@ -311,6 +330,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise DeployError(
             f"{args.model} was exported without --fold-bn; quantise the folded export (this one can be --unfolded)"
         )
+    if args.unfolded:
+        _, unfolded = load_model(args.unfolded)
+        if unfolded.metadata.get("fold_bn") is not False or unfolded.shape != spec.shape:
+            raise DeployError(f"--unfolded {args.unfolded} is not the --no-fold-bn export of a model like {args.model}")
+    return spec
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Check every input, quantise into ``workdir/int8.onnx``, evaluate every variant and return the report; the
+    caller writes the INT8 model and the report only once all of this has succeeded."""
+    check_options(args)
+    spec = check_model(args)
     calib_inputs = load_inputs(args.calib, spec)
     calib_index, held_out = calibration_split(calib_inputs, args.calib_size, 0 if args.test else HELD_OUT, args.seed)
     calibration = preprocess(calib_inputs.x[calib_index], spec)
@@ -325,38 +356,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = {"calibration_images": args.calib_size, "calibration_source": calib_inputs.source, "seed": args.seed}
     reduce_range = not args.full_range_weights
     print(f"calibrating on {args.calib_size} images of {calib_inputs.source} ({args.method})", file=sys.stderr)
+    int8 = workdir / "int8.onnx"
     quantize_model(
-        args.model, args.out, calibration, spec.input_name, method=args.method, reduce_range=reduce_range, info=info
+        args.model, int8, calibration, spec.input_name, method=args.method, reduce_range=reduce_range, info=info
     )
-    variants = {"fp32 folded": args.model, "int8 folded": args.out}
-    with tempfile.TemporaryDirectory(prefix="bnstudy-unfolded.") as tmp:
-        if args.unfolded:
-            _, unfolded_spec = load_model(args.unfolded)
-            if unfolded_spec.metadata.get("fold_bn") is not False or unfolded_spec.shape != spec.shape:
-                raise DeployError(
-                    f"--unfolded {args.unfolded} is not the --no-fold-bn export of a model like {args.model}"
-                )
-            variants["fp32 unfolded"] = args.unfolded
-            for name, optimize in UNFOLDED_VARIANTS.items():
-                variants[name] = Path(tmp) / f"{'pre-opt' if optimize else 'no-pre-opt'}.onnx"
-                quantize_model(
-                    args.unfolded,
-                    variants[name],
-                    calibration,
-                    spec.input_name,
-                    ort_preprocess_optimization=optimize,
-                    reduce_range=reduce_range,
-                    info=info,
-                )
-        rows: dict[str, dict] = {}
-        reference = None
-        for name, path in variants.items():
-            print(f"evaluating {name}", file=sys.stderr)
-            rows[name], logits = variant_row(name, path, evaluation, reference)
-            reference = logits if reference is None else reference
-        print("timing", file=sys.stderr)
-        for name, columns in latency_columns(variants, evaluation.images, args.threads).items():
-            rows[name] |= columns
+    variants = {"fp32 folded": args.model, "int8 folded": int8}
+    if args.unfolded:
+        variants["fp32 unfolded"] = args.unfolded
+        for name, optimize in UNFOLDED_VARIANTS.items():
+            variants[name] = workdir / f"{'pre-opt' if optimize else 'no-pre-opt'}.onnx"
+            quantize_model(
+                args.unfolded,
+                variants[name],
+                calibration,
+                spec.input_name,
+                ort_preprocess_optimization=optimize,
+                reduce_range=reduce_range,
+                info=info,
+            )
+    rows: dict[str, dict] = {}
+    reference = None
+    for name, path in variants.items():
+        print(f"evaluating {name}", file=sys.stderr)
+        rows[name], logits = variant_row(name, path, evaluation, reference)
+        reference = logits if reference is None else reference
+    print("timing", file=sys.stderr)
+    for name, columns in latency_columns(variants, evaluation.images, args.threads).items():
+        rows[name] |= columns
     return {
         "model": str(args.model),
         "unfolded": str(args.unfolded) if args.unfolded else None,
@@ -370,11 +396,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantiser logs advice on the root logger
     try:
-        report = run(args)
-        path = write_json(args.report or args.out.with_suffix(".json"), report)
+        args = parse_args(argv)
+        with tempfile.TemporaryDirectory(prefix="bnstudy-quantize.") as tmp:
+            report = run(args, Path(tmp))
+            atomic_write(args.out, lambda target: shutil.copyfile(Path(tmp) / "int8.onnx", target))
+        path = write_json(report_path(args), report)
     except DeployError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

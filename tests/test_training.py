@@ -192,11 +192,6 @@ def test_corrupt_and_mismatched_checkpoints_are_one_line_errors(tmp_path):
     _assert_one_line_error(mismatched, "norm='bn'", "'gn'")
 
 
-def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
-    done = _train_one_process(*TINY, "--norm", "none", "--lr", "1e12", "--out", str(tmp_path / "r"))
-    _assert_one_line_error(done, "non-finite loss at epoch 1 step", "last good checkpoint")
-
-
 def test_two_nodes_on_one_machine_with_c10d_rendezvous(tmp_path):
     port = free_port()
     out = tmp_path / "two-nodes"
@@ -230,27 +225,23 @@ def test_two_nodes_on_one_machine_with_c10d_rendezvous(tmp_path):
     assert all(r["running_mean_max_abs_diff"] == 0 for r in _jsonl(out / "bn_stats.jsonl"))
 
 
-def test_sweep_quick_writes_accuracy_by_norm_and_batch(tmp_path):
-    done = run_cli(
-        sys.executable,
-        "-m",
-        "bnstudy",
-        "sweep",
-        "--quick",
-        "--norms",
-        "bn",
-        "gn",
-        "--batches",
-        "4",
-        "--out",
-        str(tmp_path),
-        timeout=400,
-    )
+def test_sweep_quick_writes_accuracy_by_norm_and_batch_and_reuses_only_equal_points(tmp_path, capsys):
+    from bnstudy.commands import main
+
+    argv = ["sweep", "--quick", "--norms", "bn", "gn", "--batches", "4", "--out", str(tmp_path)]
+    done = run_cli(sys.executable, "-m", "bnstudy", *argv, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "sweep.json").read_text())
     assert set(result["test_acc"]) == {"bn", "gn"}
     assert all(0.0 <= acc["4"] <= 1.0 for acc in result["test_acc"].values())
     assert (tmp_path / "sweep.png").is_file()
+
+    runs = {name: (tmp_path / name / "checkpoint.pt").stat().st_mtime_ns for name in ("bn-b4", "gn-b4")}
+    assert main(argv) == 0  # the same settings: both points reused, not rerun
+    assert "reusing finished points with the same settings: bn-b4, gn-b4" in capsys.readouterr().out
+    assert main([*argv, "--epochs", "2"]) == 2  # other settings: refused, never reported as this sweep's
+    assert "bn-b4 holds a run with epochs=1, this sweep asks for 2" in capsys.readouterr().err
+    assert runs == {name: (tmp_path / name / "checkpoint.pt").stat().st_mtime_ns for name in runs}
 
 
 def test_augment_is_a_shifted_or_flipped_crop_of_the_original():
@@ -267,3 +258,39 @@ def test_augment_is_a_shifted_or_flipped_crop_of_the_original():
                 centre_found += 1
                 break
     assert centre_found == 2
+
+
+SMALL = [*TINY, "--model", "seed-cnn", "--width", "4", "--synthetic-size", "512", "--test-subset", "200"]
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_resume_takes_the_runs_options_extends_a_finished_run_and_leaves_a_finished_one_alone(tmp_path, capsys):
+    from bnstudy.training.launcher import main
+
+    run, reference = tmp_path / "run", tmp_path / "three-epochs"
+    assert main([*SMALL, "--epochs", "1", "--out", str(run)]) == 0
+    finished = _snapshot(run)
+    assert main(["--resume", "--out", str(run)]) == 0  # no other option: the run's own
+    assert "already finished its 1 epochs; nothing to do" in capsys.readouterr().out
+    assert _snapshot(run) == finished
+
+    assert main(["--resume", "--out", str(run), "--epochs", "3"]) == 0
+    assert main([*SMALL, "--epochs", "3", "--out", str(reference)]) == 0
+    extended, uninterrupted = _jsonl(run / "metrics.jsonl"), _jsonl(reference / "metrics.jsonl")
+    assert [m["epoch"] for m in extended] == [1, 2, 3]
+    assert extended[0]["lr"] == 0.0  # the 1-epoch schedule ended at zero...
+    # ...and the extension follows the schedule a 3-epoch run has from there on
+    assert extended[1]["lr"] == pytest.approx(uninterrupted[1]["lr"]) and uninterrupted[1]["lr"] > 0
+    config = json.loads((run / "config.json").read_text())
+    assert (config["epochs"], config["batch_size"], config["width"]) == (3, 32, 4)
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 3
+    assert load_checkpoint(run)["epoch"] == 3
+
+
+def test_non_finite_loss_before_the_first_checkpoint_stops_and_leaves_nothing(tmp_path):
+    done = _train_one_process(*SMALL, "--norm", "none", "--lr", "1e12", "--out", str(tmp_path / "new" / "run"))
+    _assert_one_line_error(done, "non-finite loss at epoch 1 step", "no checkpoint was written yet")
+    assert not (tmp_path / "new").exists()

@@ -11,7 +11,11 @@ from torch import nn
 
 from bnstudy.benchmarks.steps import training_step_times
 from bnstudy.distributed.process_group import spawn_gloo
-from bnstudy.models import create_model
+from bnstudy.errors import UserError, check_at_least, check_choice
+from bnstudy.models import check_image_model, create_model
+from bnstudy.norms import NORM_KINDS, check_norm_batch
+
+WORLD_SIZE = 2
 
 
 def _images_per_s(model: nn.Module, batch: int, steps: int) -> float:
@@ -25,8 +29,19 @@ def _ddp_worker(rank: int, world_size: int, model: str, norm: str, global_batch:
         Path(out).write_text(json.dumps({"per_rank_images_per_s": rate}))
 
 
+def check_ddp_options(model: str, norm: str, global_batch: int, steps: int) -> None:
+    """Refuse options the workers would fail on, before any process is spawned."""
+    check_image_model(model)
+    check_choice("--norm", norm, NORM_KINDS)
+    check_at_least("--steps", steps, 1)
+    if global_batch < WORLD_SIZE or global_batch % WORLD_SIZE:
+        raise UserError(f"--global-batch must be a positive multiple of {WORLD_SIZE} (one share per process)")
+    check_norm_batch(norm, global_batch // WORLD_SIZE, WORLD_SIZE, "images per process (--global-batch / 2)")
+
+
 def benchmark_ddp(model: str = "resnet", norm: str = "bn", global_batch: int = 512, steps: int = 8) -> dict:
     """Throughput of the same global batch in one process with 2 threads and in 2 DDP processes with 1 thread."""
+    check_ddp_options(model, norm, global_batch, steps)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -36,8 +51,8 @@ def benchmark_ddp(model: str = "resnet", norm: str = "bn", global_batch: int = 5
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ddp.json"
-        spawn_gloo(_ddp_worker, 2, model, norm, global_batch, steps, str(path), threads=1)
-        ddp = json.loads(path.read_text())["per_rank_images_per_s"] * 2
+        spawn_gloo(_ddp_worker, WORLD_SIZE, model, norm, global_batch, steps, str(path), threads=1)
+        ddp = json.loads(path.read_text())["per_rank_images_per_s"] * WORLD_SIZE
     return {
         "model": model,
         "norm": norm,

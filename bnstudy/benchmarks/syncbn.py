@@ -16,7 +16,9 @@ from bnstudy.distributed.collectives import select_transport
 from bnstudy.distributed.process_group import spawn_gloo
 from bnstudy.distributed.shm_allreduce import fast_path_supported
 from bnstudy.distributed.syncbn import convert_sync_batchnorm
-from bnstudy.models import create_model
+from bnstudy.errors import check_at_least
+from bnstudy.models import check_image_model, create_model
+from bnstudy.norms import check_norm_batch
 
 
 def transports_here() -> tuple[str, ...]:
@@ -44,11 +46,21 @@ def _worker(rank: int, world_size: int, model_name: str, batches: list[int], ste
         Path(out).write_text(json.dumps(results))
 
 
+def check_syncbn_options(model: str, batches: tuple[int, ...], steps: int, rounds: int, world_size: int) -> None:
+    """Refuse options the workers would fail on, before any process is spawned."""
+    check_image_model(model)
+    for name, value in (("--steps", steps), ("--rounds", rounds), ("world size", world_size)):
+        check_at_least(name, value, 1)
+    for batch in batches:
+        check_norm_batch("bn", batch, world_size, "--batches")  # plain BN, the stricter half of the comparison
+
+
 def benchmark_syncbn(
     model: str = "resnet", batches: tuple[int, ...] = (8, 64), steps: int = 10, rounds: int = 2, world_size: int = 2
 ) -> dict:
     """Median DDP step time of plain BN and of SyncBN over each transport, per per-rank batch size, and the
     syncbn/bn ratios, all measured in one run."""
+    check_syncbn_options(model, batches, steps, rounds, world_size)
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = Path(tmp) / "raw.json"
         spawn_gloo(_worker, world_size, model, list(batches), steps, rounds, str(raw_path), threads=1)

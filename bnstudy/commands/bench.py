@@ -41,8 +41,9 @@ def register(registry) -> None:
 
 def run_syncbn(args: argparse.Namespace) -> int:
     from bnstudy.benchmarks.syncbn import benchmark_syncbn
-    from bnstudy.io import write_json
+    from bnstudy.io import check_writable, write_json
 
+    check_writable(args.out)
     result = benchmark_syncbn(args.model, tuple(args.batches), args.steps, args.rounds)
     print(f"{'images/rank':>11}  {'transport':>9}  {'bn step (ms)':>12}  {'syncbn step (ms)':>16}  {'ratio':>6}")
     for row in result["results"]:
@@ -57,8 +58,9 @@ def run_syncbn(args: argparse.Namespace) -> int:
 
 def run_ddp(args: argparse.Namespace) -> int:
     from bnstudy.benchmarks.ddp import benchmark_ddp
-    from bnstudy.io import write_json
+    from bnstudy.io import check_writable, write_json
 
+    check_writable(args.out)
     result = benchmark_ddp(args.model, args.norm, args.global_batch, args.steps)
     print(f"1 process x 2 threads: {result['single_process_2_threads_images_per_s']:.0f} img/s")
     print(f"2 processes x 1 thread (DDP, gloo): {result['ddp_2x1_images_per_s']:.0f} img/s")
@@ -75,9 +77,13 @@ def run_export(args: argparse.Namespace) -> int:
         print_export_benchmark,
         profile_folding,
     )
+    from bnstudy.errors import UserError, check_at_least
     from bnstudy.io import check_writable, write_json
 
+    if args.out.suffix.lower() == ".png":
+        raise UserError(f"--out {args.out}: the JSON result needs a name of its own (the PNG goes beside it)")
     check_writable(args.out)
+    check_at_least("--threads", args.threads, 1)
     result = benchmark_export(threads=args.threads, quick=args.quick)
     print_export_benchmark(result)
     write_json(args.out, result)

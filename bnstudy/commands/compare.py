@@ -15,14 +15,16 @@ def register(registry) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bnstudy.io import write_json
+    from bnstudy.io import check_writable, write_json
     from bnstudy.training.compare import comparison_rows, format_table, plot_comparison
     from bnstudy.training.run_directory import read_run
 
     runs = [read_run(path) for path in args.runs]
+    out = args.out or Path(os.path.commonpath([str(p.resolve().parent) for p in args.runs]))
+    for name in ("compare.png", "compare.json"):
+        check_writable(out / name)
     rows = comparison_rows(runs)
     print(format_table(rows))
-    out = args.out or Path(os.path.commonpath([str(p.resolve().parent) for p in args.runs]))
     png = plot_comparison(runs, out / "compare.png")
     write_json(out / "compare.json", rows)
     print(f"wrote {png} and {out / 'compare.json'}")

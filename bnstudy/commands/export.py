@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bnstudy.errors import UserError
+from bnstudy.errors import UserError, check_at_least, check_seed
 from bnstudy.io import check_writable
 
 
@@ -16,7 +16,7 @@ def register(registry) -> None:
     p.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True, help="fold BN (default: on)")
     p.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     p.add_argument("--report", type=Path, help="also write the export and parity report as JSON")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=int, help="ONNX opset, 18..23 (default: the exporter's)")
     p.add_argument(
         "--input-shape", type=int, nargs="+", metavar="N", help="one sample's shape, e.g. 3 32 32 (default: config)"
     )
@@ -53,18 +53,28 @@ def _print_parity(verify) -> None:
         print(f"note: {note}")
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse, before the model is loaded, options that cannot be right."""
+    for path in filter(None, (args.out, args.report)):
+        check_writable(path)
+    if args.report is not None and args.report.resolve() == args.out.resolve():
+        raise UserError(f"--report {args.report} is the --out file; give the report a name of its own")
+    check_at_least("--threads", args.threads, 1)
+    check_seed(args.seed)
+    for size in args.input_shape or ():
+        check_at_least("--input-shape", size, 1)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from bnstudy.edge.fold import fold_report_lines
-    from bnstudy.edge.onnx_export import export_onnx, verify_onnx
+    from bnstudy.edge.onnx_export import check_opset, export_onnx, verify_onnx
     from bnstudy.edge.sources import check_input, load_source, real_test_images
     from bnstudy.io import write_json
 
-    for path in filter(None, (args.out, args.report)):
-        check_writable(path)
-    if args.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    check_options(args)
+    check_opset(args.opset)
     torch.set_num_threads(args.threads)
     model, config = load_source(args.source, args.seed)
     shape = args.input_shape or config.get("input_shape")

@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from bnstudy.errors import UserError
+from bnstudy.errors import UserError, check_at_least
+from bnstudy.io import check_writable
 from bnstudy.studies import STUDIES
 
 
@@ -37,9 +38,9 @@ def register(registry) -> None:
 def run(args: argparse.Namespace) -> int:
     from bnstudy.studies import run_study, save_study
 
-    if args.seeds < 1:
-        raise UserError(f"--seeds must be at least 1, got {args.seeds}")
+    check_at_least("--seeds", args.seeds, 1)
     names = list(STUDIES) if args.name == "all" else [args.name]
+    check_writable(args.out / names[0] / "result.json")
     if args.data is not None:
         if args.name == "all" and args.data != "synthetic":
             raise UserError(

@@ -21,13 +21,17 @@ def register(registry) -> None:
     p.add_argument("--data", help="auto | synthetic | PATH (default: auto; quick: synthetic)")
     p.add_argument("--train-subset", type=int, help="training images used (default: 10000; quick: 512)")
     p.add_argument("--width", type=int, help="model base width (default: 16; quick: 8)")
-    p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="directory for runs, sweep.json, sweep.png")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="directory for runs, sweep.json, sweep.png (default: runs/sweep; quick: runs/sweep-quick)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from bnstudy.io import write_json
-    from bnstudy.training.sweep import QUICK, SweepPlan, plot_sweep, run_sweep
+    from bnstudy.training.sweep import DEFAULT_OUT, QUICK, QUICK_OUT, SweepPlan, plan_sweep, plot_sweep, run_sweep
 
     plan = QUICK if args.quick else SweepPlan()
     overrides = {
@@ -40,12 +44,17 @@ def run(args: argparse.Namespace) -> int:
         "width": args.width,
     }
     plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
-    results = run_sweep(plan, args.out)
+    out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    points = plan_sweep(plan, out)
+    reused = [f"{p.norm}-b{p.batch}" for p in points if p.state == "finished"]
+    if reused:
+        print(f"reusing finished points with the same settings: {', '.join(reused)}")
+    results = run_sweep(points, plan.nproc, out)
     print(f"{'images/process':>14}  " + "  ".join(f"{norm:>8}" for norm in plan.norms))
     for batch in plan.batches:
         print(f"{batch:>14}  " + "  ".join(f"{100 * results[n][batch]:>7.2f}%" for n in plan.norms))
-    write_json(args.out / "sweep.json", {"plan": asdict(plan), "test_acc": results})
+    write_json(out / "sweep.json", {"plan": asdict(plan), "test_acc": results})
     title = f"{plan.nproc} processes, {plan.epochs} epoch(s), data={plan.data}"
-    png = plot_sweep(results, args.out / "sweep.png", title)
-    print(f"wrote {args.out / 'sweep.json'} and {png}")
+    png = plot_sweep(results, out / "sweep.png", title)
+    print(f"wrote {out / 'sweep.json'} and {png}")
     return 0

@@ -50,10 +50,9 @@ def register(registry) -> None:
 
 
 def _positive_top(top: int) -> int:
-    from bnstudy.errors import UserError
+    from bnstudy.errors import check_at_least
 
-    if top < 1:
-        raise UserError(f"--top must be at least 1, got {top}")
+    check_at_least("--top", top, 1)
     return top
 
 
@@ -225,6 +224,8 @@ def run_view(args: argparse.Namespace) -> int:
     from bnstudy.errors import UserError
     from bnstudy.traces.tensorboard import tensorboard_server
 
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must lie in 0..65535 (0: a free one), got {args.port}")
     # `kill` (SIGTERM) then stops TensorBoard too, like Ctrl-C, instead of leaving it running.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

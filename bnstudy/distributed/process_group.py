@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bnstudy.errors import UserError
+
 # DDP suggests forward_sync_buffers over broadcast_buffers=False, but that still syncs buffers at init, and bnstudy
 # needs rank-local BN buffers to show how plain BN's statistics diverge.
 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
@@ -49,7 +51,7 @@ def init_from_env(device: str = "auto") -> DistEnv:
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda requested but CUDA is not available; use --device cpu")
+        raise UserError("--device cuda: CUDA is not available here; use --device cpu (or auto)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

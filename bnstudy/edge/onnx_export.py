@@ -45,6 +45,16 @@ BATCH_SIZES = (1, 2, 7, 64)
 ATOL = 1e-5
 RTOL = 1e-4
 ORT_LEVELS = ("disabled", "default")
+# The opsets torch.onnx's dynamo exporter writes itself: 18 is the lowest it implements (for a lower one it runs a
+# version converter that fails for most models, prints its tracebacks and keeps opset 18) and 23 the highest torch
+# supports (torch.onnx._constants.ONNX_MAX_OPSET).
+OPSETS = range(18, 24)
+
+
+def check_opset(opset: int | None) -> None:
+    """Refuse an opset the exporter cannot produce, instead of writing another one (None: the exporter's default)."""
+    if opset is not None and opset not in OPSETS:
+        raise UserError(f"--opset {opset} cannot be exported; choose one of {OPSETS.start}..{OPSETS.stop - 1}")
 
 
 @dataclass
@@ -218,6 +228,7 @@ def export_onnx(
     checked with ``onnx.checker`` before it is written atomically. With ``fold_bn`` and ``count_unfolded`` the
     unfolded graph is exported in memory too, so the report gives node counts before and after folding.
     """
+    check_opset(opset)
     start = time.perf_counter()
     example = example_input.detach().float()
     if dynamic_batch and example.shape[0] < 2:
@@ -239,8 +250,10 @@ def export_onnx(
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise UserError(f"the exported ONNX graph is invalid ({first_line(exc)}); try another --opset") from None
-    atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
     opset_used = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset is not None and opset_used != opset:  # never hand back another opset than the one asked for
+        raise UserError(f"torch.onnx wrote opset {opset_used}, not the requested {opset}; try another --opset")
+    atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
     return ExportReport(
         path=str(path),
         fold_bn=fold_bn,

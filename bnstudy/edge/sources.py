@@ -26,7 +26,8 @@ def load_source(source: str, seed: int) -> tuple[nn.Module, dict]:
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, UserError):
                 raise
-            raise UserError(f"{source}: its config cannot rebuild a model ({type(exc).__name__}: {exc})") from None
+            reason = f"{type(exc).__name__}: {first_line(exc)}"
+            raise UserError(f"{source}: its config cannot rebuild a model ({reason})") from None
     import torchvision
 
     name = source[len(TORCHVISION_PREFIX) :]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -41,13 +42,25 @@ def load_checkpoint(source: str | os.PathLike, map_location: str | torch.device 
     """Load a checkpoint safely (``weights_only=True``) with a one-line error for corrupt or foreign files."""
     path = resolve_checkpoint(source)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr before refusing a file
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as exc:
-        message = f"{path}: corrupt or not a bnstudy checkpoint ({first_line(exc)}); retrain or pick another"
+        message = f"{path}: corrupt or not a bnstudy checkpoint ({_unreadable(path, exc)}); retrain or pick another"
         raise UserError(message) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path}: not a bnstudy checkpoint (expected keys 'model' and 'config')")
     return state
+
+
+def _unreadable(path: Path, exc: BaseException) -> str:
+    """Why torch could not load ``path``, in bnstudy's words: torch's own messages suggest ``weights_only=False``,
+    which would run whatever code the file holds."""
+    if not zipfile.is_zipfile(path):
+        return "not a complete torch zip archive"
+    if isinstance(exc, pickle.UnpicklingError):
+        return "it holds Python objects that a safe load refuses"
+    return first_line(exc)
 
 
 def inference_norm(norm: str) -> str:

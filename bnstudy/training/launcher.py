@@ -2,75 +2,90 @@
 
     torchrun --nproc_per_node=2 launch/train_cifar.py --norm syncbn --out runs/syncbn
     python launch/train_cifar.py --norm bn --epochs 1 --data synthetic --out runs/quick
+    python launch/train_cifar.py --resume --out runs/quick --epochs 3   (continue it, or train a finished run further)
     torchrun --nproc_per_node=2 -m bnstudy.training.launcher ...   (the same, without the launch/ script)
 
-gloo on CPU and nccl on CUDA are chosen automatically. Rank 0 prints and writes runs/NAME/.
+gloo on CPU and nccl on CUDA are chosen automatically. Rank 0 prints and writes runs/NAME/. Every option is checked
+before a process group, model or file exists; a bad one is a one-line error (printed once) and exit status 2.
+--resume takes the run's own options from its checkpoint: options given with it must agree, except --epochs, --lr,
+--eval-bn, --precise-bn-batches, --tta, --profile, --device and --download, which may change (see README).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from dataclasses import fields
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
-from bnstudy.training.config import EVAL_BN_MODES, TrainConfig
+from bnstudy.errors import ArgumentParser, UserError, first_line
+from bnstudy.models import IMAGE_MODELS
+from bnstudy.norms import NORM_KINDS
+from bnstudy.training.config import DEVICES, EVAL_BN_MODES, TrainConfig
 
 DEFAULTS = TrainConfig()
+# How long a rank other than 0 waits before it exits after an error. torchrun stops the whole job when the first rank
+# exits, so a rank that exits at once can get rank 0 killed before it printed the (same) error; a rank still alive
+# after the pause saw an error rank 0 did not, and prints it itself.
+OTHER_RANKS_WAIT_S = 10.0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="train_cifar.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def build_parser() -> ArgumentParser:
+    """The launcher's options. Nothing has a parser default (the defaults are :class:`TrainConfig`'s), so the parsed
+    namespace holds exactly the options given: a new run fills the rest from the defaults, a resumed run from its
+    checkpoint."""
+    p = ArgumentParser(
+        prog="train_cifar.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
     )
+    d = DEFAULTS
     p.add_argument(
         "--norm",
-        default=DEFAULTS.norm,
-        choices=["bn", "syncbn", "gn", "none"],
+        choices=NORM_KINDS,
         help="bn: per-process batch statistics; syncbn: statistics over all processes; gn: GroupNorm; "
-        "none: no normalisation (default: %(default)s)",
+        f"none: no normalisation (default: {d.norm})",
     )
-    p.add_argument("--model", default=DEFAULTS.model, help="model from bnstudy.models (default: %(default)s)")
-    p.add_argument("--width", type=int, default=DEFAULTS.width, help="base channel width of the model")
+    p.add_argument("--model", choices=tuple(IMAGE_MODELS), help=f"model from bnstudy.models (default: {d.model})")
+    p.add_argument("--width", type=int, help="base channel width of the model (default: the model's)")
     p.add_argument(
         "--data",
-        default=DEFAULTS.data,
         help="auto: real CIFAR-10 if found ($BNSTUDY_DATA, ./data/cifar10, ../shared/data/cifar10) or "
         "downloadable with --download, else synthetic with a warning; synthetic; or a PATH to a "
-        "directory of train.npz/test.npz or a torchvision root (default: %(default)s)",
+        f"directory of train.npz/test.npz or a torchvision root (default: {d.data})",
     )
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10 if it is missing")
-    p.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="epochs (default: %(default)s)")
+    p.add_argument("--epochs", type=int, help=f"epochs; with --resume, the new total (default: {d.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"images per process per step (default: {d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"peak SGD learning rate (default: {d.lr})")
+    p.add_argument("--weight-decay", type=float, help=f"(default: {d.weight_decay})")
+    p.add_argument("--label-smoothing", type=float, help=f"(default: {d.label_smoothing})")
     p.add_argument(
-        "--batch-size", type=int, default=DEFAULTS.batch_size, help="images per process per step (default: %(default)s)"
+        "--warmup-epochs", type=float, help=f"linear warm-up before linear decay to zero (default: {d.warmup_epochs})"
     )
-    p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak SGD learning rate (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="(default: %(default)s)")
-    p.add_argument("--label-smoothing", type=float, default=DEFAULTS.label_smoothing, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, help=f"seed for weights, data order and augmentation (default: {d.seed})")
+    p.add_argument("--out", help=f"run directory (default: {d.out})")
     p.add_argument(
-        "--warmup-epochs",
-        type=float,
-        default=DEFAULTS.warmup_epochs,
-        help="linear warm-up before linear decay to zero (default: %(default)s)",
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last complete epoch, with its own options",
     )
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed for weights, data order and augmentation")
-    p.add_argument("--out", default=DEFAULTS.out, help="run directory (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last complete epoch")
     p.add_argument(
         "--eval-bn",
-        default=DEFAULTS.eval_bn,
         choices=EVAL_BN_MODES,
         help="how plain-BN running stats are made consistent before each evaluation: local (keep each "
         "rank's), reduce (average over ranks), broadcast (copy rank 0's), precise (PreciseBN: "
-        "recompute over --precise-bn-batches batches with frozen weights) (default: %(default)s)",
+        f"recompute over --precise-bn-batches batches with frozen weights) (default: {d.eval_bn})",
     )
-    p.add_argument("--precise-bn-batches", type=int, default=DEFAULTS.precise_bn_batches, help="(default: %(default)s)")
+    p.add_argument("--precise-bn-batches", type=int, help=f"(default: {d.precise_bn_batches})")
     p.add_argument("--train-subset", type=int, help="use only the first N training images (quick runs)")
     p.add_argument("--test-subset", type=int, help="use only the first N test images (quick runs)")
     p.add_argument(
-        "--synthetic-size",
-        type=int,
-        default=DEFAULTS.synthetic_size,
-        help="training images in the synthetic set (default: %(default)s)",
+        "--synthetic-size", type=int, help=f"training images in the synthetic set (default: {d.synthetic_size})"
     )
     p.add_argument(
         "--no-channels-last",
@@ -81,7 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
-        default=DEFAULTS.tta,
         help="evaluate on each test image and its mirror image, averaged (default: on)",
     )
     p.add_argument(
@@ -89,40 +103,110 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="record a few steps of the first epoch with torch.profiler into OUT/tb/ (one worker per rank)",
     )
-    p.add_argument("--device", default=DEFAULTS.device, choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
+    p.add_argument("--device", choices=DEVICES, help=f"(default: {d.device})")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+def plan_run(given: dict[str, Any], world_size: int) -> tuple[TrainConfig, dict | None]:
+    """The run's config and, for --resume, the checkpoint it continues; every check that needs no data, done
+    before any process group, model or file exists (so every rank reaches the same verdict on its own)."""
+    if not given.get("resume"):
+        config = replace(DEFAULTS, **given)
+        _validate(config, world_size)
+        from bnstudy.training.run_directory import check_new_run
 
+        check_new_run(Path(config.out))
+        return config, None
+    from bnstudy.training.checkpoint import load_checkpoint
+    from bnstudy.training.run_directory import CHECKPOINT
+
+    out = Path(given.get("out", DEFAULTS.out))
+    if not (out / CHECKPOINT).is_file():
+        raise UserError(f"{out}: nothing to resume (no {CHECKPOINT}); drop --resume to start a run there")
+    checkpoint = load_checkpoint(out / CHECKPOINT)
+    config = TrainConfig.from_dict(checkpoint["config"]).resumed_with(given)
+    _validate(config, world_size)
+    if checkpoint["config"].get("world_size") != world_size:
+        raise UserError(
+            f"{out} was trained by {checkpoint['config'].get('world_size')} process(es), this job has {world_size}; "
+            "resume with the same --nproc_per_node"
+        )
+    if checkpoint["epoch"] > config.epochs:
+        raise UserError(
+            f"{out} has already trained {checkpoint['epoch']} epochs; --epochs {config.epochs} would undo them "
+            f"(pass more than {checkpoint['epoch']} to train it further)"
+        )
+    return config, checkpoint
+
+
+def _validate(config: TrainConfig, world_size: int) -> None:
+    """The config's checks, and the environment's that this run depends on (BNSTUDY_SYNCBN_TRANSPORT)."""
+    config.validate(world_size)
+    if config.norm == "syncbn":
+        from bnstudy.distributed.collectives import requested_transport
+
+        requested_transport()
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _report(exc: UserError, rank: int) -> int:
+    """Print the error once, on rank 0 (every rank checks the same options and data and fails alike); see
+    :data:`OTHER_RANKS_WAIT_S` for the other ranks."""
+    if rank != 0:
+        time.sleep(OTHER_RANKS_WAIT_S)
+    prefix = "train_cifar: error: " if rank == 0 else f"train_cifar: error on rank {rank}: "
+    print(prefix + str(exc), file=sys.stderr, flush=True)
+    return 2
+
+
+def _peer_lost() -> tuple[type[BaseException], ...]:
+    """The errors that mean another rank died: there is nobody left to part with in order."""
     from torch.distributed import DistBackendError
 
-    from bnstudy.distributed.collectives import requested_transport
-    from bnstudy.distributed.process_group import init_from_env, shutdown
     from bnstudy.distributed.shm_allreduce import PeerLostError
-    from bnstudy.errors import UserError, first_line
+
+    return (PeerLostError, DistBackendError)
+
+
+def _train(config: TrainConfig, checkpoint: dict | None) -> None:
+    from bnstudy.distributed.process_group import init_from_env, shutdown
     from bnstudy.training.loop import train
 
-    peer_lost = (PeerLostError, DistBackendError)  # another rank died: there is nobody to part with
+    env = init_from_env(config.device)
     try:
-        config.validate()
-        if config.norm == "syncbn":
-            requested_transport()
-        env = init_from_env(config.device)
-        try:
-            train(config, env)
-        except peer_lost:
-            raise
-        except BaseException:
-            shutdown()  # every rank raised alike (e.g. a UserError on all ranks): part in order
-            raise
-        shutdown()
+        train(config, env, checkpoint)
+    except _peer_lost():
+        raise
+    except BaseException:
+        shutdown()  # every rank raised alike (e.g. a UserError on all ranks): part in order
+        raise
+    shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    rank = _env_int("RANK", 0)
+    try:
+        config, checkpoint = plan_run(vars(build_parser().parse_args(argv)), _env_int("WORLD_SIZE", 1))
+        if checkpoint is not None and checkpoint["epoch"] >= config.epochs:
+            if rank == 0:
+                print(
+                    f"{config.out} already finished its {config.epochs} epochs; nothing to do (pass --epochs N above "
+                    f"{config.epochs} to train it further)"
+                )
+            return 0
+        _train(config, checkpoint)
     except UserError as exc:
-        print(f"train_cifar: error: {exc}", file=sys.stderr)
-        return 2
-    except peer_lost as exc:
+        return _report(exc, rank)
+    except KeyboardInterrupt:
+        print("train_cifar: interrupted", file=sys.stderr)
+        return 130
+    except _peer_lost() as exc:
         print(f"train_cifar: error: another process of the job failed ({first_line(exc)})", file=sys.stderr)
         return 1
     return 0

@@ -10,6 +10,7 @@ import platform
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,22 +30,21 @@ from bnstudy.distributed.process_group import DistEnv, all_reduce_sum, main_prin
 from bnstudy.errors import UserError, first_line
 from bnstudy.models import create_model
 from bnstudy.traces.record import BACKWARD, DATA_LOADING, FORWARD, OPTIMIZER_STEP, training_profiler
-from bnstudy.training.checkpoint import load_checkpoint, save_checkpoint
+from bnstudy.training.checkpoint import save_checkpoint
 from bnstudy.training.config import TrainConfig
-from bnstudy.training.run_data import RunData, augment, load_run_data
-from bnstudy.training.run_directory import CHECKPOINT, RunWriter
-
-PROFILED_STEPS = 5  # wait 1 + warm-up 1 + active 3: bnstudy.traces.record.training_profiler's default schedule
+from bnstudy.training.run_data import RunData, augment, check_run_fits, load_run_data
+from bnstudy.training.run_directory import CHECKPOINT, RunWriter, read_summary, removed_unless_checkpointed
 
 
 class Trainer:
     """One rank's view of a run. Every rank runs the same number of steps: sync BN and DDP issue collectives."""
 
     def __init__(self, config: TrainConfig, env: DistEnv) -> None:
-        config.validate()
+        config.validate(env.world_size)
         self.config, self.env = config, env
         self.out = Path(config.out)
         self.data = load_run_data(config)
+        self.steps_per_epoch = check_run_fits(config, self.data, env.world_size)
         torch.manual_seed(config.seed)
         model = create_model(
             config.model, config.norm, num_classes=len(self.data.train.classes), **config.model_kwargs()
@@ -66,17 +66,6 @@ class Trainer:
             seed=config.seed,
             drop_last=True,
         )
-        self.steps_per_epoch = len(self.sampler) // config.batch_size
-        if self.steps_per_epoch == 0:
-            raise UserError(
-                f"{len(self.data.train)} training images over {env.world_size} ranks is less than one "
-                f"batch of {config.batch_size}; lower --batch-size"
-            )
-        if config.profile and self.steps_per_epoch < PROFILED_STEPS:
-            raise UserError(
-                f"--profile records {PROFILED_STEPS} steps of the first epoch, but an epoch has only "
-                f"{self.steps_per_epoch}; use more data or a smaller --batch-size"
-            )
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
             lr=config.lr,
@@ -84,14 +73,18 @@ class Trainer:
             nesterov=True,
             weight_decay=config.weight_decay,
         )
-        total = config.epochs * self.steps_per_epoch
-        warmup = max(1, int(config.warmup_epochs * self.steps_per_epoch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.lr_factor(step))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.start_epoch = 0
         self.best_acc = 0.0
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at ``step`` as a fraction of the peak: linear warm-up over ``warmup_epochs``, then
+        linear decay to zero at the last step of ``epochs``. A pure function of the step and the config, so a resumed
+        run whose ``epochs`` (or peak ``lr``) changed continues on the schedule such a run would have had."""
+        total = self.config.epochs * self.steps_per_epoch
+        warmup = max(1, int(self.config.warmup_epochs * self.steps_per_epoch))
+        return min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
 
     # -- data ---------------------------------------------------------------------------------------------------
     def _inputs(self, x: Tensor) -> Tensor:
@@ -135,10 +128,7 @@ class Trainer:
             batch_stats = [loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)]
             stats = all_reduce_sum(batch_stats, self.env.device).cpu()
             if not math.isfinite(stats[0].item()):
-                raise UserError(
-                    f"non-finite loss at epoch {epoch + 1} step {step + 1}; "
-                    f"last good checkpoint: {self._last_checkpoint()} (lower --lr and --resume)"
-                )
+                raise UserError(f"non-finite loss at epoch {epoch + 1} step {step + 1}; {self._last_checkpoint()}")
             totals += stats
             profiler.step()
             elapsed = time.perf_counter() - start
@@ -159,7 +149,9 @@ class Trainer:
 
     def _last_checkpoint(self) -> str:
         path = self.out / CHECKPOINT
-        return str(path) if path.exists() else "none yet"
+        if path.exists():
+            return f"last good checkpoint: {path} (resume it with --resume and a lower --lr)"
+        return "no checkpoint was written yet (start again with a lower --lr)"
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -223,16 +215,12 @@ class Trainer:
         }
 
     def restore(self, state: dict) -> None:
-        saved = state["config"]
-        for key in ("model", "norm", "batch_size", "epochs", "seed", "width"):
-            if saved.get(key) != getattr(self.config, key):
-                raise UserError(
-                    f"{self.out / CHECKPOINT}: checkpoint has {key}={saved.get(key)!r} but this run "
-                    f"asks for {getattr(self.config, key)!r}; use the same options or a new --out"
-                )
-        if saved.get("world_size") != self.env.world_size:
+        """Continue from a checkpoint of this run (its options merged by :meth:`TrainConfig.resumed_with`): weights,
+        optimizer, step count, every rank's BN buffers and the RNG; the learning rate then follows this config's
+        schedule from the checkpoint's step on."""
+        if state["config"].get("world_size") != self.env.world_size:
             raise UserError(
-                f"{self.out / CHECKPOINT}: checkpoint was written by {saved.get('world_size')} "
+                f"{self.out / CHECKPOINT}: checkpoint was written by {state['config'].get('world_size')} "
                 f"processes, this run has {self.env.world_size}; resume with the same --nproc_per_node"
             )
         try:
@@ -243,6 +231,10 @@ class Trainer:
             raise UserError(
                 f"{self.out / CHECKPOINT}: does not match this model ({first_line(exc)}); start a new --out"
             ) from None
+        self.scheduler.base_lrs = [self.config.lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.config.lr
+            group["lr"] = self.config.lr * self.lr_factor(self.scheduler.last_epoch)
         buffers = state["rank_bn_buffers"][self.env.rank]
         with torch.no_grad():
             for name, value in buffers.items():
@@ -293,50 +285,57 @@ def environment_info(env: DistEnv, transport: str | None) -> dict:
     }
 
 
-def train(config: TrainConfig, env: DistEnv) -> dict:
-    """Run (or resume) training; returns the summary. Rank 0 writes the run directory."""
+def train(config: TrainConfig, env: DistEnv, resume_from: dict | None = None) -> dict:
+    """Run a new run, or continue the checkpoint ``resume_from``; returns the summary. Rank 0 writes the run
+    directory, from the end of the first epoch on; a run that fails before its first checkpoint leaves none."""
     trainer = Trainer(config, env)
+    if resume_from is not None:
+        trainer.restore(resume_from)
+    out = trainer.out
+    if trainer.start_epoch >= config.epochs:  # nothing to train: leave the finished run as it is
+        return read_summary(out) or {}
     for note in trainer.data.notes:
         main_print(f"\n{'!' * 100}\n{note}\n{'!' * 100}\n")
-    out = trainer.out
-    if config.resume:
-        trainer.restore(load_checkpoint(out / CHECKPOINT, map_location=env.device))
-        main_print(f"resuming {out} after epoch {trainer.start_epoch}")
-    elif (out / CHECKPOINT).exists():
-        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume_from is not None:
+        main_print(f"resuming {out} after epoch {trainer.start_epoch} of {config.epochs}")
     transport = syncbn_transport(config, env)
-    writer = RunWriter(out, trainer.start_epoch) if env.is_main else None
-    if writer:
-        writer.config({**checkpoint_config(config, trainer.data, env.world_size), **environment_info(env, transport)})
+    run_config = {**checkpoint_config(config, trainer.data, env.world_size), **environment_info(env, transport)}
+    writer = RunWriter(out, trainer.start_epoch, run_config) if env.is_main else None
     main_print(
         f"{config.model}/{config.norm} on {trainer.data.description}; {env.world_size} process(es), "
         f"{config.batch_size}/process, backend {env.backend or 'none'}, device {env.device}"
         + (f", sync BN over {transport}" if transport else "")
     )
-    profiler = training_profiler(out, env.rank, enabled=config.profile, label=config.norm)
+    with removed_unless_checkpointed(out) if env.is_main else nullcontext():
+        try:
+            return _train_epochs(trainer, writer)
+        finally:
+            if writer:
+                writer.close()
+
+
+def _train_epochs(trainer: Trainer, writer: RunWriter | None) -> dict:
+    """The epochs from ``trainer.start_epoch`` on: train, observe BN statistics, evaluate, record and checkpoint."""
+    config, out = trainer.config, trainer.out
+    profiler = training_profiler(out, trainer.env.rank, enabled=config.profile, label=config.norm)
     profiler.start()
     run_start = time.perf_counter()
-    try:
-        for epoch in range(trainer.start_epoch, config.epochs):
-            metrics = trainer.train_epoch(epoch, profiler)
-            if epoch == trainer.start_epoch:
-                profiler.stop()  # the profiled steps are in the first epoch
-            bn_records = bn_statistics_report(trainer.model, trainer.probe_batch())
-            sync_bn_buffers(trainer.model, config.eval_bn, trainer.precise_batches)
-            metrics.update(trainer.evaluate())
-            trainer.best_acc = max(trainer.best_acc, metrics["test_acc"])
-            metrics = {"epoch": epoch + 1, **metrics, "lr": trainer.scheduler.get_last_lr()[0]}
-            state = trainer.checkpoint_state(epoch + 1)
-            if writer:
-                writer.epoch(metrics, bn_records)
-                save_checkpoint(out / CHECKPOINT, state)
-                main_print(
-                    f"epoch {epoch + 1}/{config.epochs}: train loss {metrics['train_loss']:.4f} "
-                    f"acc {metrics['train_acc']:.4f} | test loss {metrics['test_loss']:.4f} "
-                    f"acc {metrics['test_acc']:.4f} | {metrics['images_per_s']:.0f} img/s"
-                )
-        summary = writer.summary({"wall_time_s_this_session": time.perf_counter() - run_start}) if writer else {}
-    finally:
+    for epoch in range(trainer.start_epoch, config.epochs):
+        metrics = trainer.train_epoch(epoch, profiler)
+        if epoch == trainer.start_epoch:
+            profiler.stop()  # the profiled steps are in the first epoch
+        bn_records = bn_statistics_report(trainer.model, trainer.probe_batch())
+        sync_bn_buffers(trainer.model, config.eval_bn, trainer.precise_batches)
+        metrics.update(trainer.evaluate())
+        trainer.best_acc = max(trainer.best_acc, metrics["test_acc"])
+        metrics = {"epoch": epoch + 1, **metrics, "lr": trainer.scheduler.get_last_lr()[0]}
+        state = trainer.checkpoint_state(epoch + 1)
         if writer:
-            writer.close()
-    return summary
+            writer.epoch(metrics, bn_records)
+            save_checkpoint(out / CHECKPOINT, state)
+            main_print(
+                f"epoch {epoch + 1}/{config.epochs}: train loss {metrics['train_loss']:.4f} "
+                f"acc {metrics['train_acc']:.4f} | test loss {metrics['test_loss']:.4f} "
+                f"acc {metrics['test_acc']:.4f} | {metrics['images_per_s']:.0f} img/s"
+            )
+    return writer.summary({"wall_time_s_this_session": time.perf_counter() - run_start}) if writer else {}

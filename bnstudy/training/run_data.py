@@ -9,7 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from bnstudy.data import ImageDataset, find_real_data, load_images, load_test_images, synthetic_images
+from bnstudy.errors import UserError
 from bnstudy.training.config import TrainConfig
+
+PROFILED_STEPS = 5  # wait 1 + warm-up 1 + active 3: bnstudy.traces.record.training_profiler's default schedule
 
 
 @dataclass
@@ -40,11 +43,41 @@ def load_run_data(config: TrainConfig) -> RunData:
             data = _synthetic(config, "no CIFAR-10 found ($BNSTUDY_DATA, ./data/cifar10, ../shared/data/cifar10)")
     else:
         data = _real(Path(config.data), config)
-    if config.train_subset:
-        data.train = data.train.subset(config.train_subset)
-    if config.test_subset:
-        data.test = data.test.subset(config.test_subset)
+    data.train = _subset(data.train, config.train_subset, "--train-subset", data.synthetic)
+    data.test = _subset(data.test, config.test_subset, "--test-subset", data.synthetic)
     return data
+
+
+def _subset(images: ImageDataset, n: int | None, option: str, synthetic: bool) -> ImageDataset:
+    """The first ``n`` images (all for None); more than there are is refused rather than quietly read as "all"."""
+    if n is None:
+        return images
+    if n > len(images):
+        hint = " or raise --synthetic-size" if synthetic and option == "--train-subset" else ""
+        raise UserError(f"{option} {n} is more than the {len(images)} images of {images.source}; lower it{hint}")
+    return images.subset(n)
+
+
+def steps_per_epoch(config: TrainConfig, data: RunData, world_size: int) -> int:
+    """Steps every rank runs per epoch: DistributedSampler(drop_last=True) deals each rank len // world_size images."""
+    return len(data.train) // world_size // config.batch_size
+
+
+def check_run_fits(config: TrainConfig, data: RunData, world_size: int) -> int:
+    """Steps per epoch, after refusing a batch larger than a rank's share of the data or a profile longer than an
+    epoch; the checks of :meth:`TrainConfig.validate` that need the data."""
+    steps = steps_per_epoch(config, data, world_size)
+    if steps == 0:
+        raise UserError(
+            f"{len(data.train)} training images over {world_size} process(es) is less than one batch of "
+            f"{config.batch_size}; lower --batch-size"
+        )
+    if config.profile and steps < PROFILED_STEPS:
+        raise UserError(
+            f"--profile records {PROFILED_STEPS} steps of the first epoch, but an epoch has only {steps}; "
+            "use more data or a smaller --batch-size"
+        )
+    return steps
 
 
 def _real(root: Path, config: TrainConfig) -> RunData:

@@ -1,23 +1,31 @@
 """The run directory ``runs/NAME/``, the unit of output every command reads: every file name in it, rank 0's
 writer and the reader.
 
-    config.json      all options, versions, world size, backend, device (written when the run starts)
+    config.json      all options, versions, world size, backend, device (written with the first epoch's records)
     metrics.jsonl    one record per epoch
     bn_stats.jsonl   one record per epoch and BN layer: how far ranks' statistics are apart
     checkpoint.pt    the latest complete epoch (see :mod:`bnstudy.training.checkpoint`)
     summary.json     final numbers, written at the end
     tb/              TensorBoard scalars; tb/<label>/ profiler traces (see :mod:`bnstudy.traces.record`)
+
+A directory is a run once it holds a checkpoint: nothing is written before the first epoch ends, and a run that
+fails before then takes away what it created (:func:`removed_unless_checkpointed`), so a failed start never leaves a
+directory that cannot be resumed or compared.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bnstudy.errors import UserError
-from bnstudy.io import write_json
+from bnstudy.io import check_writable, write_json
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -32,23 +40,41 @@ def trace_dir(run_dir: str | Path, label: str) -> Path:
     return Path(run_dir) / TENSORBOARD / label
 
 
-class RunWriter:
-    """Rank 0's writer: config, per-epoch JSONL records, TensorBoard scalars and the summary."""
+def check_new_run(path: Path) -> None:
+    """Refuse to start a run at ``path`` when it is a file, already holds a run or other files, or cannot be
+    written."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file; give a directory for the run")
+    if (path / CHECKPOINT).exists() or (path / CONFIG).exists():
+        raise UserError(f"{path} already holds a run; pass --resume to continue it or choose another --out")
+    if path.is_dir() and any(path.iterdir()):
+        raise UserError(f"--out {path} holds other files, not a run; choose a new or empty directory")
+    check_writable(path / CONFIG)
 
-    def __init__(self, path: Path, resume_epoch: int) -> None:
-        self.path = path
-        path.mkdir(parents=True, exist_ok=True)
+
+class RunWriter:
+    """Rank 0's writer: config, per-epoch JSONL records, TensorBoard scalars and the summary. Nothing touches the
+    disk before the first epoch's records arrive; a resumed run then drops records of epochs after its checkpoint
+    and rewrites config.json (its epochs may have changed)."""
+
+    def __init__(self, path: Path, resume_epoch: int, config: dict[str, Any]) -> None:
+        self.path, self.resume_epoch, self._config = path, resume_epoch, config
+        self.tb = None
+
+    def _open(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
         for name in (METRICS, BN_STATS):
-            _truncate_jsonl(path / name, resume_epoch)
+            _truncate_jsonl(self.path / name, self.resume_epoch)
+        write_json(self.path / CONFIG, self._config)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(path / TENSORBOARD), purge_step=resume_epoch + 1 if resume_epoch else None)
-
-    def config(self, config: dict[str, Any]) -> None:
-        write_json(self.path / CONFIG, config)
+        purge = self.resume_epoch + 1 if self.resume_epoch else None
+        self.tb = SummaryWriter(str(self.path / TENSORBOARD), purge_step=purge)
 
     def epoch(self, metrics: dict[str, Any], bn_records: list[dict]) -> None:
         """Append one epoch's metrics and BN statistics records and its TensorBoard scalars."""
+        if self.tb is None:
+            self._open()
         epoch = metrics["epoch"]
         self._append(METRICS, [metrics])
         self._append(BN_STATS, [{"epoch": epoch, **r} for r in bn_records])
@@ -69,7 +95,8 @@ class RunWriter:
                 f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def _truncate_jsonl(path: Path, keep_through_epoch: int) -> None:
@@ -82,6 +109,39 @@ def _truncate_jsonl(path: Path, keep_through_epoch: int) -> None:
         if line.strip() and json.loads(line)["epoch"] <= keep_through_epoch
     ]
     path.write_text("".join(line + "\n" for line in lines))
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory on the way to ``path`` that does not exist yet (``path`` itself, or a parent)."""
+    missing = None
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return missing
+        missing = candidate
+    return missing
+
+
+@contextmanager
+def removed_unless_checkpointed(path: Path) -> Iterator[None]:
+    """Remove what the block created under ``path`` (the directory and new parents, or new entries of a directory
+    that was there) when it fails before ``path`` holds a checkpoint: a run that never finished an epoch is not a
+    run. A failure after the first checkpoint keeps everything, for ``--resume``."""
+    created = _first_missing(path)
+    before = set(os.listdir(path)) if created is None and path.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if not (path / CHECKPOINT).exists():
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            elif path.is_dir():
+                for name in set(os.listdir(path)) - before:
+                    target = path / name
+                    if target.is_dir():
+                        shutil.rmtree(target, ignore_errors=True)
+                    else:
+                        target.unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -130,16 +190,23 @@ def _jsonl(path: Path) -> list[dict]:
         raise UserError(f"{path}: malformed JSON line ({exc.msg}); the run directory is damaged") from None
 
 
+def read_config(path: str | Path) -> dict | None:
+    """config.json of the run at ``path``, or None when there is none."""
+    file = Path(path) / CONFIG
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: malformed config.json ({exc.msg})") from None
+
+
 def read_run(path: str | Path) -> Run:
     """Load a run directory; a one-line error if it is not one."""
     path = Path(path)
-    config_path = path / CONFIG
-    if not config_path.is_file():
+    config = read_config(path)
+    if config is None:
         raise UserError(f"{path}: not a run directory (no config.json); pass runs/NAME written by train_cifar.py")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: malformed config.json ({exc.msg})") from None
     metrics = _jsonl(path / METRICS)
     if not metrics:
         raise UserError(f"{path}: no completed epoch in metrics.jsonl; wait for the run or resume it")

@@ -1,20 +1,35 @@
 """The batch-size sweep: BN, SyncBN and GN at several per-process batch sizes under DDP, each a real torchrun
-job, and test accuracy against per-process batch size (Wu & He 2018, figure 1, on CIFAR-10)."""
+job, and test accuracy against per-process batch size (Wu & He 2018, figure 1, on CIFAR-10).
+
+Every point is planned and checked before the first job starts: its options (as :class:`TrainConfig`), the data
+and, for a point whose directory already holds a run, that the run is the one asked for. A finished point is reused
+only when its recorded configuration equals the requested one, an interrupted one is resumed; one with other
+settings is refused, never reported as this sweep's result.
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from bnstudy.errors import UserError
-from bnstudy.io import save_png
-from bnstudy.training.run_directory import read_summary
+from bnstudy.errors import UserError, check_at_least
+from bnstudy.io import check_writable, save_png
+from bnstudy.training.checkpoint import load_checkpoint
+from bnstudy.training.config import TrainConfig, option_name
+from bnstudy.training.run_data import RunData, check_run_fits, load_run_data
+from bnstudy.training.run_directory import CHECKPOINT, check_new_run, read_summary
+
+DEFAULT_OUT = Path("runs/sweep")
+QUICK_OUT = Path("runs/sweep-quick")  # apart from the full sweep's, so neither ever reuses the other's points
 
 
 @dataclass(frozen=True)
@@ -37,8 +52,43 @@ class SweepPlan:
         """Linear scaling rule (Goyal et al. 2017): the learning rate grows with the global batch, base at 256."""
         return self.base_lr * batch * self.nproc / 256
 
+    def config(self, norm: str, batch: int, out: Path) -> TrainConfig:
+        """The training run of one point, in ``out/<norm>-b<batch>``."""
+        return replace(
+            TrainConfig(),
+            out=str(out / f"{norm}-b{batch}"),
+            norm=norm,
+            batch_size=batch,
+            lr=self.lr(batch),
+            epochs=self.epochs,
+            data=self.data,
+            width=self.width,
+            seed=self.seed,
+            synthetic_size=self.synthetic_size,
+            train_subset=self.train_subset,
+            test_subset=self.test_subset,
+        )
+
 
 QUICK = SweepPlan(epochs=1, data="synthetic", width=8, train_subset=512, test_subset=500, synthetic_size=2000)
+# The options a point's command line sets; the rest keep TrainConfig's defaults.
+POINT_OPTIONS = (
+    "norm", "batch_size", "lr", "epochs", "data", "width", "seed", "synthetic_size", "train_subset", "test_subset",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One (norm, batch) run and what exists of it already: "new", "finished" (reused) or "interrupted" (resumed)."""
+
+    norm: str
+    batch: int
+    config: TrainConfig
+    state: str
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
 
 
 def torchrun_command(nproc: int, launcher_args: list[str]) -> list[str]:
@@ -47,36 +97,94 @@ def torchrun_command(nproc: int, launcher_args: list[str]) -> list[str]:
     return [*torchrun, "-m", "bnstudy.training.launcher", *launcher_args]
 
 
-def run_command(plan: SweepPlan, norm: str, batch: int, out: Path) -> list[str]:
-    """The torchrun command line of one sweep point."""
-    options = {
-        "norm": norm, "batch-size": batch, "lr": f"{plan.lr(batch):.6g}", "epochs": plan.epochs, "data": plan.data,
-        "width": plan.width, "seed": plan.seed, "synthetic-size": plan.synthetic_size, "out": out,
-        "train-subset": plan.train_subset, "test-subset": plan.test_subset,
-    }  # fmt: skip
-    args = [item for key, value in options.items() if value is not None for item in (f"--{key}", str(value))]
-    return torchrun_command(plan.nproc, args)
+def run_command(point: SweepPoint, nproc: int) -> list[str]:
+    """The torchrun command line of one point: a new run with the point's options (floats as their exact repr, so
+    the run records the very config asked for), or ``--resume`` of an interrupted one, which takes its own."""
+    if point.state == "interrupted":
+        return torchrun_command(nproc, ["--resume", "--out", point.config.out])
+    options = [(option_name(name), getattr(point.config, name)) for name in POINT_OPTIONS]
+    args = [item for flag, value in options if value is not None for item in (flag, str(value))]
+    return torchrun_command(nproc, [*args, "--out", point.config.out])
 
 
-def run_sweep(plan: SweepPlan, out: Path) -> dict:
-    """Run every (norm, batch) point not already finished under ``out``; returns accuracies by norm and batch."""
-    points = [(norm, batch) for norm in plan.norms for batch in plan.batches]
-    results: dict[str, dict[int, float]] = {norm: {} for norm in plan.norms}
+def recorded_settings(config: TrainConfig, data: RunData, world_size: int) -> dict[str, Any]:
+    """What a point's config.json must hold for its run to be this point: its options, the world size and the data
+    it actually trained on (``--data auto`` may have meant synthetic data when the run was made)."""
+    return {
+        **config.settings(),
+        "world_size": world_size,
+        "data_source": data.description,
+        "synthetic": data.synthetic,
+    }
+
+
+def _point_state(config: TrainConfig, wanted: dict[str, Any]) -> str:
+    """The point's state: new, finished or interrupted; a UserError when its directory holds something else or a
+    run with other settings. A run's settings are read from its checkpoint, the record --resume trusts too."""
+    out = Path(config.out)
+    if not (out / CHECKPOINT).exists():
+        check_new_run(out)
+        return "new"
+    stored = load_checkpoint(out / CHECKPOINT)["config"]
+    recorded = {**TrainConfig.from_dict(stored).settings(), **{k: stored[k] for k in wanted if k in stored}}
+    for key, value in wanted.items():
+        if recorded.get(key) != value:
+            raise UserError(
+                f"{out} holds a run with {key}={recorded.get(key)!r}, this sweep asks for {value!r}; pass another "
+                "--out, or delete that directory to rerun the point"
+            )
+    return "finished" if read_summary(out) is not None else "interrupted"
+
+
+def plan_sweep(plan: SweepPlan, out: Path) -> list[SweepPoint]:
+    """Every point of the sweep, checked before any job starts: options, data, batch against the data, and what
+    the point's directory already holds."""
+    check_at_least("--nproc", plan.nproc, 1)
+    if not plan.norms or not plan.batches:
+        raise UserError("--norms and --batches need at least one value each")
+    check_writable(out / "sweep.json")
+    configs = {(norm, batch): plan.config(norm, batch, out) for norm in plan.norms for batch in plan.batches}
+    for (norm, batch), config in configs.items():
+        with _point_errors(norm, batch):
+            config.validate(plan.nproc)
+    data = load_run_data(next(iter(configs.values())))  # the same data for every point
+    points = []
+    for (norm, batch), config in configs.items():
+        with _point_errors(norm, batch):
+            check_run_fits(config, data, plan.nproc)
+        state = _point_state(config, recorded_settings(config, data, plan.nproc))
+        points.append(SweepPoint(norm, batch, config, state))
+    return points
+
+
+@contextmanager
+def _point_errors(norm: str, batch: int) -> Iterator[None]:
+    """Name the point in a check's error: the launcher option it names is set by --norms, --batches, ..."""
+    try:
+        yield
+    except UserError as exc:
+        raise UserError(f"sweep point {norm} batch {batch}: {exc}") from None
+
+
+def run_sweep(points: list[SweepPoint], nproc: int, out: Path) -> dict[str, dict[int, float]]:
+    """Run every point that is not finished (its log beside it, ``out/<norm>-b<batch>.log``); returns the final
+    test accuracy by norm and batch."""
+    results: dict[str, dict[int, float]] = {}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for norm, batch in tqdm(points, desc="sweep", unit="run"):
-        run_dir = out / f"{norm}-b{batch}"
-        summary = read_summary(run_dir)
-        if summary is None:
-            log = out / f"{norm}-b{batch}.log"
+    for point in tqdm(points, desc="sweep", unit="run"):
+        if point.state != "finished":
+            log = out / f"{point.out.name}.log"
             out.mkdir(parents=True, exist_ok=True)
             with open(log, "w") as f:
-                done = subprocess.run(
-                    run_command(plan, norm, batch, run_dir), stdout=f, stderr=subprocess.STDOUT, env=env
-                )
+                done = subprocess.run(run_command(point, nproc), stdout=f, stderr=subprocess.STDOUT, env=env)
             if done.returncode != 0:
-                raise UserError(f"sweep point {norm} batch {batch} failed (exit {done.returncode}); see {log}")
-            summary = read_summary(run_dir)
-        results[norm][batch] = summary["final_test_acc"]
+                raise UserError(
+                    f"sweep point {point.norm} batch {point.batch} failed (exit {done.returncode}); see {log}"
+                )
+        summary = read_summary(point.out)
+        if summary is None:  # e.g. a checkpoint of the last epoch, then a crash before summary.json
+            raise UserError(f"{point.out} has no summary.json after its run; delete it to rerun the point")
+        results.setdefault(point.norm, {})[point.batch] = summary["final_test_acc"]
     return results
 
 
