@@ -18,6 +18,9 @@ for norm in bn syncbn; do
     --profile --out "runs/demo/$norm"
 done
 .venv/bin/bnstudy compare runs/demo/bn runs/demo/syncbn --out runs/demo
-.venv/bin/bnstudy trace compare runs/demo/bn runs/demo/syncbn
+.venv/bin/bnstudy trace compare runs/demo/bn runs/demo/syncbn --out runs/demo/trace-compare.json
 .venv/bin/bnstudy export runs/demo/syncbn --fold-bn --out runs/demo/syncbn.onnx --report runs/demo/export.json
-echo "main job done: runs/demo/ (compare.png, compare.json, traces under */tb/, syncbn.onnx, export.json)"
+echo
+echo "main job done: runs/demo/ (compare.png, compare.json, trace-compare.json, traces under */tb/, syncbn.onnx, export.json)"
+echo "what to look at (A = bn, B = syncbn):"
+.venv/bin/bnstudy report runs/demo

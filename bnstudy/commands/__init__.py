@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from bnstudy import __version__
 from bnstudy.errors import ArgumentParser, UserError
 
-COMMAND_MODULES = ("compare", "export", "study", "sweep", "trace", "bench")
+COMMAND_MODULES = ("compare", "export", "study", "sweep", "trace", "bench", "report")
 
 
 class Registry:

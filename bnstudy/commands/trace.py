@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 _PATH_HELP = "a trace file, a run directory (runs/NAME) or a TensorBoard run folder (runs/NAME/tb/LABEL)"
@@ -37,6 +38,7 @@ def register(registry) -> None:
     comp.add_argument("b", type=Path, help=f"run B: {_PATH_HELP}")
     comp.add_argument("--top", type=int, default=10, help="top operators of each run to compare (default: 10)")
     comp.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    comp.add_argument("--out", type=Path, help="also write the comparison as JSON to this file")
     comp.set_defaults(func=run_compare)
 
     view = sub.add_parser(
@@ -211,10 +213,17 @@ def run_summary(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    from bnstudy.io import check_writable, write_json
     from bnstudy.traces.attribution import compare
 
-    comparison = compare(args.a, args.b, top=_positive_top(args.top))
+    top = _positive_top(args.top)
+    if args.out:
+        check_writable(args.out)
+    comparison = compare(args.a, args.b, top=top)
     print(json.dumps(comparison, indent=2) if args.json else format_comparison(comparison))
+    if args.out:
+        write_json(args.out, comparison)
+        print(f"wrote {args.out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
