@@ -8,6 +8,13 @@ decoding happens once and augmentation can be batched tensor ops.
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,14 +175,135 @@ def load_test_images(name: str, path: str | os.PathLike, download: bool = False)
     return load_images(name, exact if exact.is_file() else path, "test", download=download)
 
 
+# What a complete torchvision root holds, per dataset: (folder, files); its checksums are torchvision's to check.
+_TORCHVISION_FILES = {
+    "cifar10": (
+        "cifar-10-batches-py",
+        ("batches.meta", "test_batch", *(f"data_batch_{i}" for i in range(1, 6))),
+    ),
+    "mnist": (
+        "MNIST/raw",
+        ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    ),
+}
+OFFLINE_ENV = "BNSTUDY_OFFLINE"
+DOWNLOAD_ROOT = Path("data")
+PROBE_TIMEOUT_S = 3.0
+DOWNLOAD_STALL_TIMEOUT_S = 60.0
+
+
+def _is_real_data(name: str, candidate: Path) -> bool:
+    if (candidate / "train.npz").is_file() and (candidate / "test.npz").is_file():
+        return True
+    folder, files = _TORCHVISION_FILES[name]
+    return all((candidate / folder / f).is_file() for f in files)
+
+
 def find_real_data(name: str) -> Path | None:
-    """Where real ``name`` data lies on this machine ($BNSTUDY_DATA/<name>, ./data/<name>, ../shared/data/<name>)."""
+    """Where real ``name`` data lies on this machine ($BNSTUDY_DATA/<name>, ./data/<name>, ../shared/data/<name>),
+    as train.npz/test.npz or a complete torchvision root (what :func:`download_cifar10` leaves in ./data/cifar10)."""
     candidates = [Path(os.environ["BNSTUDY_DATA"]) / name] if "BNSTUDY_DATA" in os.environ else []
-    candidates += [Path("data") / name, SHARED_DATA / name]
+    candidates += [DOWNLOAD_ROOT / name, SHARED_DATA / name]
     for candidate in candidates:
-        if (candidate / "train.npz").is_file() and (candidate / "test.npz").is_file():
+        if _is_real_data(name, candidate):
             return candidate
     return None
+
+
+def offline_requested() -> bool:
+    """Whether $BNSTUDY_OFFLINE asks for no network access (any value but empty, 0, false, no)."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def unreachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why a TCP connection towards ``url`` (its host, or the proxy urllib would use) cannot be opened within
+    ``timeout`` seconds, name lookup included; None when it can. A quick probe, so that an offline machine falls
+    back at once instead of waiting on urllib, which has no timeout of its own."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_parts.hostname or "", proxy_parts.port or 80
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome.append(None)
+        except OSError as exc:
+            outcome.append(f"cannot connect to {host}:{port} ({type(exc).__name__}: {exc})")
+
+    thread = threading.Thread(target=probe, daemon=True)  # name lookup ignores socket timeouts; don't wait on it
+    thread.start()
+    thread.join(timeout + 0.5)
+    return outcome[0] if outcome else f"no answer from {host}:{port} within {timeout:g} s"
+
+
+def download_cifar10(target: Path = DOWNLOAD_ROOT / "cifar10", timeout: float = PROBE_TIMEOUT_S) -> Path:
+    """Fetch CIFAR-10 with torchvision into ``target`` (a torchvision root) and return it; DataError says why not.
+
+    The archive is downloaded and extracted in a temporary directory beside ``target``, and the checked batches are
+    moved into place only when everything succeeded: a failed or interrupted download leaves no partial files that
+    a later run would take for data.
+    """
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10
+    why = unreachable(cls.url, timeout)
+    if why is not None:
+        raise DataError(f"cannot download CIFAR-10: {why}")
+    print(
+        f"CIFAR-10 not found locally: downloading it with torchvision into {target} (about 170 MB; "
+        f"--no-download or {OFFLINE_ENV}=1 stays offline)",
+        file=sys.stderr,
+        flush=True,
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-download-", dir=target.parent))
+    stall = socket.getdefaulttimeout()
+    try:
+        socket.setdefaulttimeout(DOWNLOAD_STALL_TIMEOUT_S)  # urllib's reads then fail on a stalled connection
+        cls(str(staging), train=True, download=True)  # download, check the archive's md5, extract, check batches
+        target.mkdir(exist_ok=True)
+        os.replace(staging / cls.base_folder, target / cls.base_folder)
+    except Exception as exc:  # urllib, tarfile, checksum and file-system errors alike
+        first_line = (str(exc).splitlines() or [""])[0]
+        raise DataError(f"CIFAR-10 download from {cls.url} failed ({type(exc).__name__}: {first_line})") from None
+    finally:
+        socket.setdefaulttimeout(stall)
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def find_or_download_cifar10(download: bool | None = None) -> tuple[Path | None, str]:
+    """CIFAR-10's root for ``--data auto``, or (None, why not): found locally, else downloaded by torchvision
+    unless ``download`` is False (None: unless $BNSTUDY_OFFLINE is set).
+
+    Under torchrun only rank 0 looks and downloads; every rank gets its answer, so all train on the same data.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        answer: list = [None]
+        if dist.get_rank() == 0:
+            answer = [_find_or_download_cifar10(download)]
+        dist.broadcast_object_list(answer, src=0)
+        return answer[0]
+    return _find_or_download_cifar10(download)
+
+
+def _find_or_download_cifar10(download: bool | None) -> tuple[Path | None, str]:
+    root = find_real_data("cifar10")
+    if root is not None:
+        return root, ""
+    missing = "no CIFAR-10 found ($BNSTUDY_DATA, ./data/cifar10, ../shared/data/cifar10)"
+    if download is False or (download is None and offline_requested()):
+        return None, f"{missing}; downloads are off (--no-download or {OFFLINE_ENV}=1)"
+    try:
+        return download_cifar10(), ""
+    except DataError as exc:
+        return None, f"{missing}; {exc}"
 
 
 def synthetic_images(

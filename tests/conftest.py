@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tests never touch the network: --data auto must not try torchvision's download (tests that do set up their own).
+os.environ["BNSTUDY_OFFLINE"] = "1"
 
 
 def free_port() -> int:

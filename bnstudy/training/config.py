@@ -34,7 +34,7 @@ class TrainConfig:
     width: int | None = None
     norm: str = "bn"
     data: str = "auto"
-    download: bool = False
+    download: bool | None = None  # None: --data auto downloads unless $BNSTUDY_OFFLINE; a PATH only with True
     epochs: int = 16
     batch_size: int = 256
     lr: float = 0.4

@@ -54,11 +54,16 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--width", type=int, help="base channel width of the model (default: the model's)")
     p.add_argument(
         "--data",
-        help="auto: real CIFAR-10 if found ($BNSTUDY_DATA, ./data/cifar10, ../shared/data/cifar10) or "
-        "downloadable with --download, else synthetic with a warning; synthetic; or a PATH to a "
+        help="auto: real CIFAR-10 if found ($BNSTUDY_DATA, ./data/cifar10, ../shared/data/cifar10), else downloaded "
+        "by torchvision into ./data/cifar10, else synthetic with a warning; synthetic; or a PATH to a "
         f"directory of train.npz/test.npz or a torchvision root (default: {d.data})",
     )
-    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10 if it is missing")
+    p.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        help="let torchvision download missing CIFAR-10: by default --data auto does unless BNSTUDY_OFFLINE=1, "
+        "a --data PATH only with --download; --no-download keeps the run offline",
+    )
     p.add_argument("--epochs", type=int, help=f"epochs; with --resume, the new total (default: {d.epochs})")
     p.add_argument("--batch-size", type=int, help=f"images per process per step (default: {d.batch_size})")
     p.add_argument("--lr", type=float, help=f"peak SGD learning rate (default: {d.lr})")

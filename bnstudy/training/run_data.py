@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from bnstudy.data import ImageDataset, find_real_data, load_images, load_test_images, synthetic_images
+from bnstudy.data import ImageDataset, find_or_download_cifar10, load_images, load_test_images, synthetic_images
 from bnstudy.errors import UserError
 from bnstudy.training.config import TrainConfig
 
@@ -27,20 +27,16 @@ class RunData:
 def load_run_data(config: TrainConfig) -> RunData:
     """Train and test sets for ``--data`` (auto | synthetic | PATH).
 
-    auto: real CIFAR-10 from $BNSTUDY_DATA, ./data or ../shared/data (or torchvision's download with
-    ``--download``), else the synthetic set. For an .npz directory holding ``test_lossless_first1000.npz``, that
-    exact subset is the test set (the rest of that test.npz is JPEG-degraded).
+    auto: real CIFAR-10 from $BNSTUDY_DATA, ./data or ../shared/data, else torchvision's download into
+    ./data/cifar10 (not with ``--no-download`` or $BNSTUDY_OFFLINE=1), else the synthetic set with a warning. For an
+    .npz directory holding ``test_lossless_first1000.npz``, that exact subset is the test set (the rest of that
+    test.npz is JPEG-degraded).
     """
     if config.data == "synthetic":
         data = _synthetic(config, "--data synthetic")
     elif config.data == "auto":
-        root = find_real_data("cifar10")
-        if root is not None:
-            data = _real(root, config)
-        elif config.download:
-            data = _real(Path("data/cifar10"), config)
-        else:
-            data = _synthetic(config, "no CIFAR-10 found ($BNSTUDY_DATA, ./data/cifar10, ../shared/data/cifar10)")
+        root, why_not = find_or_download_cifar10(config.download)
+        data = _real(root, config) if root is not None else _synthetic(config, why_not)
     else:
         data = _real(Path(config.data), config)
     data.train = _subset(data.train, config.train_subset, "--train-subset", data.synthetic)
