@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bnstudy.launcher import build_parser
 from torchvision import datasets
 
 from bnstudy import data as data_mod
@@ -31,7 +30,9 @@ from bnstudy.data import (
     synthetic_images,
     unreachable,
 )
-from bnstudy.training import TrainConfig, load_run_data
+from bnstudy.training.config import TrainConfig
+from bnstudy.training.launcher import build_parser
+from bnstudy.training.run_data import load_run_data
 from tests.conftest import free_port
 
 
@@ -157,7 +158,8 @@ def test_download_moves_checked_batches_into_place_and_auto_uses_them(no_local_c
 
 def test_launcher_download_flag_is_three_way():
     parse = build_parser().parse_args
-    assert parse([]).download is None and parse(["--download"]).download is True
+    assert "download" not in vars(parse([])) and TrainConfig().download is None  # not given: the config's None
+    assert parse(["--download"]).download is True
     assert parse(["--no-download"]).download is False
 
 
