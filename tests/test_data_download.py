@@ -1,5 +1,5 @@
-"""Issue 15: real CIFAR-10 when it can be had (found, else torchvision's download, else the synthetic set, quickly
-and without partial files), and a synthetic set on which the choice of normalisation shows.
+"""Real CIFAR-10 when it can be had: found, else torchvision's download, else the synthetic set, quickly and
+without partial files.
 
 No test here touches the network: downloads go to a closed local port or to a local HTTP server."""
 
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from torchvision import datasets
 
 from bnstudy import data as data_mod
@@ -27,7 +26,6 @@ from bnstudy.data import (
     find_or_download_cifar10,
     find_real_data,
     load_images,
-    synthetic_images,
     unreachable,
 )
 from bnstudy.training.config import TrainConfig
@@ -161,14 +159,3 @@ def test_launcher_download_flag_is_three_way():
     assert "download" not in vars(parse([])) and TrainConfig().download is None  # not given: the config's None
     assert parse(["--download"]).download is True
     assert parse(["--no-download"]).download is False
-
-
-# -- 2. a synthetic set that separates the norms ------------------------------------------------------------------
-
-
-def test_synthetic_set_is_deterministic_and_prefix_stable():
-    a, b = synthetic_images(n=600, seed=3), synthetic_images(n=600, seed=3)
-    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
-    longer = synthetic_images(n=1500, seed=3)
-    assert torch.equal(longer.x[:600], a.x) and torch.equal(longer.y[:600], a.y)
-    assert not torch.equal(synthetic_images(n=600, seed=4).x, a.x)
