@@ -91,14 +91,16 @@ def test_forcing_shared_memory_across_hosts_is_a_one_line_error(tmp_path):
     assert "bnstudy/" not in bad.stderr  # no traceback through bnstudy (torchrun prints its own report)
 
 
-def test_a_killed_rank_stops_its_peer_with_a_one_line_error_and_leaves_no_segment(tmp_path):
+@pytest.mark.parametrize("norm", ["syncbn", "bn"])
+def test_a_killed_rank_stops_its_peer_with_a_one_line_error_and_leaves_no_segment(tmp_path, norm):
     """Two launcher processes joined by hand (no torchrun agent to kill the survivor): rank 1 is SIGKILLed after the
-    first epoch, and rank 0 must stop within the shared-memory timeout, saying so in one line."""
+    first epoch, and rank 0 must stop within the shared-memory timeout, saying so in one line. The survivor learns
+    of it in a shared-memory exchange or in gloo's (DDP's gradient all-reduce: the only way with plain BN)."""
     before = _segments()
     out = tmp_path / "killed"
     port = free_port()
     cmd = [sys.executable, str(ROOT / "launch" / "train_cifar.py"), *TINY, "--synthetic-size", "3000"]
-    cmd += ["--epochs", "3", "--norm", "syncbn", "--out", str(out)]
+    cmd += ["--epochs", "3", "--norm", norm, "--out", str(out)]
     base = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     base |= {"WORLD_SIZE": "2", "BNSTUDY_SYNCBN_TIMEOUT_S": "5"}
     ranks = [

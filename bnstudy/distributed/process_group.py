@@ -74,6 +74,20 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+# What gloo's TCP transport says when the process on the other end of a pair has gone; it raises these as plain
+# RuntimeErrors (from DDP's reducer, for one), not always as DistBackendError.
+_GLOO_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+def is_peer_lost(exc: BaseException) -> bool:
+    """True when ``exc`` means another rank of the job died: there is nobody left to part with in order."""
+    from bnstudy.distributed.shm_allreduce import PeerLostError
+
+    if isinstance(exc, (PeerLostError, dist.DistBackendError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _GLOO_PEER_GONE)
+
+
 def main_print(*args, **kwargs) -> None:
     """print() on rank 0 only."""
     if not dist.is_initialized() or dist.get_rank() == 0:

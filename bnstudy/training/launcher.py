@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from dataclasses import replace
@@ -170,26 +171,22 @@ def _report(exc: UserError, rank: int) -> int:
     return 2
 
 
-def _peer_lost() -> tuple[type[BaseException], ...]:
-    """The errors that mean another rank died: there is nobody left to part with in order."""
-    from torch.distributed import DistBackendError
-
-    from bnstudy.distributed.shm_allreduce import PeerLostError
-
-    return (PeerLostError, DistBackendError)
+def _peer_lost_reason(exc: BaseException) -> str:
+    """The gist of a lost-peer error, without gloo's source path and advice."""
+    reason = first_line(exc)
+    return re.sub(r"^\[[^\]]*\] ", "", reason).split(". This is typically")[0]
 
 
 def _train(config: TrainConfig, checkpoint: dict | None) -> None:
-    from bnstudy.distributed.process_group import init_from_env, shutdown
+    from bnstudy.distributed.process_group import init_from_env, is_peer_lost, shutdown
     from bnstudy.training.loop import train
 
     env = init_from_env(config.device)
     try:
         train(config, env, checkpoint)
-    except _peer_lost():
-        raise
-    except BaseException:
-        shutdown()  # every rank raised alike (e.g. a UserError on all ranks): part in order
+    except BaseException as exc:
+        if not is_peer_lost(exc):
+            shutdown()  # every rank raised alike (e.g. a UserError on all ranks): part in order
         raise
     shutdown()
 
@@ -211,8 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("train_cifar: interrupted", file=sys.stderr)
         return 130
-    except _peer_lost() as exc:
-        print(f"train_cifar: error: another process of the job failed ({first_line(exc)})", file=sys.stderr)
+    except Exception as exc:
+        from bnstudy.distributed.process_group import is_peer_lost
+
+        if not is_peer_lost(exc):
+            raise
+        print(f"train_cifar: error: another process of the job failed ({_peer_lost_reason(exc)})", file=sys.stderr)
         return 1
     return 0
 
