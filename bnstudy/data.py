@@ -7,6 +7,7 @@ decoding happens once and augmentation can be batched tensor ops.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
@@ -306,38 +307,101 @@ def _find_or_download_cifar10(download: bool | None) -> tuple[Path | None, str]:
         return None, f"{missing}; {exc}"
 
 
+@dataclass(frozen=True)
+class SyntheticRecipe:
+    """How :func:`synthetic_images` draws an image; the defaults are the calibrated set (README, "The synthetic
+    set"). Intensities are in [0, 1] units before clipping and rounding to uint8."""
+
+    prototypes: int = 2  # smooth colour templates per class, fixed by the template seed
+    coarse: int = 8  # templates are random coarse x coarse fields, upsampled bicubically
+    shift: int = 3  # each image shows its template shifted by up to this many pixels
+    lookalike: float = 0.25  # share of images showing a random class's template: no classifier beats ~1 - 0.9 * this
+    signal: tuple[float, float] = (0.4, 1.0)  # weight of the image's own class template, uniform in this range
+    distractor: float = 0.3  # weight of a random other class's template, uniform in [0, distractor]
+    clutter: float = 0.2  # weight of a per-image random low-frequency background
+    contrast: tuple[float, float] = (0.08, 0.4)  # per-image pattern std around mid-grey, log-uniform in this range
+    brightness: float = 0.2  # per-image offset, uniform in [-brightness, brightness]
+    colour_cast: float = 0.1  # per-image, per-channel offset, normal with this standard deviation
+    noise: float = 0.05  # per-pixel noise standard deviation
+
+
+SYNTHETIC_RECIPE = SyntheticRecipe()
+_SYNTHETIC_CHUNK = 256  # images per independently seeded draw
+
+
+def _smooth_fields(gen: torch.Generator, count: int, channels: int, coarse: int, size: int) -> Tensor:
+    """``count`` random low-frequency fields (count, channels, size, size), each channel zero-mean, unit-std."""
+    fields = torch.randn(count, channels, coarse, coarse, generator=gen)
+    fields = torch.nn.functional.interpolate(fields, size=(size, size), mode="bicubic", align_corners=False)
+    fields = fields - fields.mean((2, 3), keepdim=True)
+    return fields / fields.std((2, 3), keepdim=True).clamp_min(1e-6)
+
+
 def synthetic_images(
     name: str = "cifar10",
     n: int = 5000,
     seed: int = 0,
-    noise: float = 0.5,
-    separation: float = 0.5,
+    recipe: SyntheticRecipe = SYNTHETIC_RECIPE,
     template_seed: int = 1234,
 ) -> ImageDataset:
-    """A learnable image set shaped like ``name``: each class is a smooth colour template (a shared pattern plus a
-    class-specific one scaled by ``separation``), and each sample is its class template, randomly shifted (±3 px),
-    contrast-jittered and noised.
+    """A stand-in for ``name`` when no real data is at hand, hard enough that the choice of normalisation shows.
+
+    Each class has ``recipe.prototypes`` smooth colour templates. An image is one of its class's templates,
+    shifted, blended with a weaker template of a random other class and a random background, plus noise; then a
+    per-image colour cast (and optional brightness shift) that carries no class information, as lighting does in
+    photographs. Overlap and clutter keep a small CNN well below 100% on the main job's schedule; the per-image
+    offsets make statistics over 1-2 images noisy, which costs plain BN at tiny per-process batches more than
+    SyncBN (more images) or GroupNorm (per image).
 
     Templates depend only on ``template_seed``, so train and test sets drawn with different ``seed`` share the
-    classes. A small CNN beats chance clearly within one short epoch; it is not linearly trivial.
+    classes. Images are drawn in chunks seeded by (seed, chunk), so the first ``m`` images do not depend on ``n``.
     """
     spec = _SPECS[name]
     h, w, c = spec.shape
-    k = len(spec.classes)
+    k, r = len(spec.classes), recipe
     tgen = torch.Generator().manual_seed(template_seed)
-    shared = torch.rand(1, c, 4, 4, generator=tgen)
-    coarse = shared + separation * (torch.rand(k, c, 4, 4, generator=tgen) - 0.5)
-    templates = torch.nn.functional.interpolate(coarse, size=(h + 6, w + 6), mode="bicubic", align_corners=False)
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, k, (n,), generator=gen)
-    dy, dx = torch.randint(0, 7, (2, n), generator=gen)
-    rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1)
-    cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w)
-    crops = templates[y.view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
-    contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=gen)
-    images = 0.5 + contrast * (crops - 0.5) + noise * torch.randn(n, c, h, w, generator=gen)
-    x = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    size = max(h, w) + 2 * r.shift
+    templates = _smooth_fields(tgen, k * r.prototypes, c, r.coarse, size).view(k, r.prototypes, c, size, size)
+    xs, ys = [], []
+    for chunk, start in enumerate(range(0, n, _SYNTHETIC_CHUNK)):
+        state = np.random.SeedSequence([seed, chunk]).generate_state(2, np.uint32)
+        gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        x, y = _synthetic_chunk(templates, _SYNTHETIC_CHUNK, h, w, r, gen)  # a whole chunk: the same draws for any n
+        xs.append(x[: n - start])
+        ys.append(y[: n - start])
+    x = torch.cat(xs) if xs else torch.zeros(0, h, w, c, dtype=torch.uint8)
+    y = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.int64)
     return ImageDataset(x, y, spec.classes, spec.mean, spec.std, f"synthetic-{name}(seed={seed})")
+
+
+def _synthetic_chunk(
+    templates: Tensor, m: int, h: int, w: int, r: SyntheticRecipe, gen: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    k, _, c, size = templates.shape[:4]
+    y = torch.randint(0, k, (m,), generator=gen)
+    lookalike = torch.rand(m, generator=gen) < r.lookalike
+    own = torch.where(lookalike, torch.randint(0, k, (m,), generator=gen), y)
+    other = (y + torch.randint(1, k, (m,), generator=gen)) % k
+
+    def shown(labels: Tensor) -> Tensor:  # a random prototype of each label, shifted by up to ±shift pixels
+        proto = torch.randint(0, r.prototypes, (m,), generator=gen)
+        dy, dx = torch.randint(0, 2 * r.shift + 1, (2, m), generator=gen)
+        planes = ((labels * r.prototypes + proto) * c).view(m, 1, 1, 1) + torch.arange(c).view(1, c, 1, 1)
+        rows = (dy.view(m, 1) + torch.arange(h)).view(m, 1, h, 1)
+        cols = (dx.view(m, 1) + torch.arange(w)).view(m, 1, 1, w)
+        return templates.reshape(-1)[(planes * size + rows) * size + cols]  # one flat gather: cheaper than 5 indices
+
+    def uniform(lo: float, hi: float, *shape: int) -> Tensor:
+        return lo + (hi - lo) * torch.rand(m, *shape, generator=gen)
+
+    pattern = uniform(*r.signal, 1, 1, 1) * shown(own) + uniform(0.0, r.distractor, 1, 1, 1) * shown(other)
+    pattern = pattern + r.clutter * _smooth_fields(gen, m, c, max(2, r.coarse // 2), max(h, w))[..., :h, :w]
+    pattern = pattern / pattern.std((1, 2, 3), keepdim=True).clamp_min(1e-6)
+    offset = r.brightness * uniform(-1.0, 1.0, 1, 1, 1) + r.colour_cast * torch.randn(m, c, 1, 1, generator=gen)
+    contrast = torch.exp(uniform(math.log(r.contrast[0]), math.log(r.contrast[1]), 1, 1, 1))
+    images = 0.5 + contrast * pattern + offset + r.noise * torch.randn(m, c, h, w, generator=gen)
+    x = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return x, y
 
 
 @dataclass

@@ -20,7 +20,7 @@ from bnstudy.data import (
     CIFAR10_STD,
     MNIST_MEAN,
     MNIST_STD,
-    synthetic_images,
+    ImageDataset,
     to_model_input,
 )
 from bnstudy.edge.onnx_export import export_onnx, read_metadata
@@ -28,6 +28,18 @@ from bnstudy.models import seed_cnn
 from bnstudy.training.checkpoint import save_checkpoint
 from deploy import bench, edge, infer, quantize
 from tests.conftest import ROOT, run_cli
+
+
+def colour_images(n: int, seed: int) -> ImageDataset:
+    """Images whose class is their mean colour, plus noise: a tiny CNN learns them in a few steps, so export and
+    quantisation are checked on confident, varied predictions (the built-in synthetic set is hard on purpose)."""
+    gen = torch.Generator().manual_seed(seed)
+    colours = torch.rand(10, 1, 1, 3, generator=torch.Generator().manual_seed(1234))
+    y = torch.randint(0, 10, (n,), generator=gen)
+    x = colours[y] + 0.15 * torch.randn(n, 32, 32, 3, generator=gen)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return ImageDataset(x, y, CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, f"colours(seed={seed})")
+
 
 CONFIG = {
     "model": "seed-cnn",
@@ -61,9 +73,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def train_tiny_cnn(steps: int = 40) -> torch.nn.Module:
-    """seed_cnn(width=8) trained briefly on the synthetic set, so its predictions spread over several classes."""
+    """seed_cnn(width=8) trained briefly on colour-coded images, so its predictions spread over several classes."""
     torch.manual_seed(0)
-    data = synthetic_images("cifar10", n=512, seed=0)
+    data = colour_images(512, seed=0)
     x = to_model_input(data.x, data.mean, data.std)
     model = seed_cnn("bn", width=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -78,14 +90,14 @@ def train_tiny_cnn(steps: int = 40) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
-    """A trained tiny CNN exported folded and unfolded, its checkpoint, and synthetic images as .npz files."""
+    """A trained tiny CNN exported folded and unfolded, its checkpoint, and colour-coded images as .npz files."""
     base = tmp_path_factory.mktemp("deploy")
     model = train_tiny_cnn()
     example = torch.randn(2, 3, 32, 32)
     export_onnx(model, example, base / "model.onnx", config=CONFIG, count_unfolded=False)
     export_onnx(model, example, base / "unfolded.onnx", fold_bn=False, config=CONFIG)
     save_checkpoint(base / "run" / "checkpoint.pt", {"model": model.state_dict(), "config": CONFIG})
-    calib, test = synthetic_images("cifar10", n=128, seed=1), synthetic_images("cifar10", n=200, seed=2)
+    calib, test = colour_images(128, seed=1), colour_images(200, seed=2)
     np.savez(base / "calib.npz", x=calib.x.numpy(), y=calib.y.numpy())
     np.savez(base / "test.npz", x=test.x.numpy(), y=test.y.numpy())
     images = base / "images"
