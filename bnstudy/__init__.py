@@ -7,7 +7,7 @@ The public API below is imported lazily, so ``import bnstudy`` stays fast (no to
 Subpackages: ``distributed`` (sync BN, process groups, rank statistics), ``training`` (config, loop, launcher,
 run directory), ``edge`` (fold BN, ONNX export and verification), ``traces`` (profiler recording and
 attribution), ``studies`` (the seed experiments), ``benchmarks``, ``commands`` (the CLI). Shared building blocks
-sit at the top: ``data``, ``models``, ``norms``, ``reference``, ``errors``, ``io``.
+sit at the top: ``data``, ``models``, ``norms``, ``precision``, ``reference``, ``errors``, ``io``.
 """
 
 from __future__ import annotations

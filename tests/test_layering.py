@@ -18,6 +18,7 @@ CORE = {
     "bnstudy.reference",
     "bnstudy.models",
     "bnstudy.norms",
+    "bnstudy.precision",
 }
 RUN_FORMATS = {"bnstudy.training.run_directory", "bnstudy.training.checkpoint"}
 # module prefix -> what its imports may start with (besides itself)

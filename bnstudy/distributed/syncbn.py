@@ -43,17 +43,15 @@ class _CpuSyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, process_group, world_size):
         channels = x.shape[1]
         count = x.numel() // channels if channels else 0
-        # Statistics in the parameters' precision, fp32 for bf16/fp16 input under autocast, as nn.BatchNorm keeps
-        # them: the native kernel reduces in fp32 and returns fp32 statistics when it is given an fp32 weight.
-        stat_weight = weight if weight is not None else torch.ones(channels, dtype=_statistics_dtype(x))
+        # Statistics in fp32 for bf16/fp16 input under autocast, as nn.BatchNorm keeps them: the native kernel
+        # reduces in the dtype of the running buffers it is handed. Momentum 0 leaves those scratch buffers as they
+        # are; the kernel computes only the statistics, without the normalised output (half the memory traffic).
+        local_mean = torch.zeros(channels, dtype=_statistics_dtype(x))
+        local_var = torch.ones(channels, dtype=_statistics_dtype(x))
         if count > 0:
-            _, local_mean, local_invstd = torch.ops.aten._native_batch_norm_legit.no_stats(
-                x, stat_weight, None, True, 0.0, eps
-            )
-            local_var = local_invstd.pow(-2) - eps
+            local_mean, local_var = torch.batch_norm_update_stats(x, local_mean, local_var, 0.0)
         else:
-            local_mean = stat_weight.new_zeros(channels)
-            local_var = stat_weight.new_zeros(channels)
+            local_var.zero_()
         # Each rank fills its own row and one all-reduce assembles the table (an all-gather on every backend).
         rows = local_mean.new_zeros(world_size, 1 + 2 * channels)
         rows[dist.get_rank(process_group)] = torch.cat(

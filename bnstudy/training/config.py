@@ -10,12 +10,16 @@ from typing import Any
 from bnstudy.errors import UserError, check_at_least, check_choice, check_positive, check_seed
 from bnstudy.models import check_image_model
 from bnstudy.norms import NORM_KINDS, check_norm_batch
+from bnstudy.precision import check_precision
 
 EVAL_BN_MODES = ("local", "reduce", "broadcast", "precise")
 DEVICES = ("auto", "cpu", "cuda")
 # What a resumed run may change: how long it trains, its peak learning rate (the way on after a non-finite loss), how
-# it is evaluated, profiled, placed or fetched. Everything else defines the run and is taken from its checkpoint.
-RESUME_MAY_CHANGE = ("epochs", "lr", "eval_bn", "precise_bn_batches", "tta", "profile", "device", "download")
+# it is evaluated, profiled, placed or fetched, and its arithmetic precision (master weights stay float32). Everything
+# else defines the run and is taken from its checkpoint.
+RESUME_MAY_CHANGE = (
+    "epochs", "lr", "eval_bn", "precise_bn_batches", "tta", "profile", "device", "download", "precision",
+)  # fmt: skip
 # Where a run lives and how it was started, not what it is: never compared between runs.
 NOT_SETTINGS = ("out", "resume")
 
@@ -53,6 +57,7 @@ class TrainConfig:
     tta: bool = True
     profile: bool = False
     device: str = "auto"
+    precision: str = "fp32"  # auto: bf16 where the device runs it natively (bnstudy.precision), else fp32
 
     @classmethod
     def from_dict(cls, stored: dict[str, Any]) -> TrainConfig:
@@ -89,6 +94,15 @@ class TrainConfig:
 
             if not torch.cuda.is_available():
                 raise UserError("--device cuda: CUDA is not available here; use --device cpu (or auto)")
+        check_precision(self.precision, self.device_type())
+
+    def device_type(self) -> str:
+        """ "cuda" or "cpu": where ``device`` puts the run on this machine."""
+        if self.device == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
 
     def _check_optimizer(self) -> None:
         check_positive("--lr", self.lr)

@@ -25,6 +25,7 @@ from typing import Any
 from bnstudy.errors import ArgumentParser, UserError, first_line
 from bnstudy.models import IMAGE_MODELS
 from bnstudy.norms import NORM_KINDS
+from bnstudy.precision import PRECISIONS
 from bnstudy.training.config import DEVICES, EVAL_BN_MODES, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -110,6 +111,13 @@ def build_parser() -> ArgumentParser:
         help="record a few steps of the first epoch with torch.profiler into OUT/tb/ (one worker per rank)",
     )
     p.add_argument("--device", choices=DEVICES, help=f"(default: {d.device})")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="autocast type of forward passes; weights, optimizer and checkpoints stay fp32. auto: bf16 where the "
+        "device runs it natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX), else fp32; fp16 (CUDA only) adds "
+        f"a gradient scaler (default: {d.precision})",
+    )
     return p
 
 

@@ -29,6 +29,7 @@ from bnstudy.distributed.collectives import select_transport, world_group_for_sy
 from bnstudy.distributed.process_group import DistEnv, all_reduce_sum, main_print
 from bnstudy.errors import UserError, first_line
 from bnstudy.models import create_model
+from bnstudy.precision import Precision, resolve_precision
 from bnstudy.traces.record import BACKWARD, DATA_LOADING, FORWARD, OPTIMIZER_STEP, training_profiler
 from bnstudy.training.checkpoint import save_checkpoint
 from bnstudy.training.config import TrainConfig
@@ -49,6 +50,8 @@ class Trainer:
         model = create_model(
             config.model, config.norm, num_classes=len(self.data.train.classes), **config.model_kwargs()
         )
+        self.precision = resolve_precision(config.precision, env.device)
+        self.grad_scaler = self.precision.grad_scaler()
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model = model.to(env.device, memory_format=self.memory_format)
         self.ddp = (
@@ -116,14 +119,15 @@ class Trainer:
         for step in range(self.steps_per_epoch):
             with record_function(DATA_LOADING):
                 x, y = next(batches)
-            with record_function(FORWARD):
+            with record_function(FORWARD), self.precision.autocast():
                 logits = self.ddp(x)
                 loss = self.criterion(logits, y)
             with record_function(BACKWARD):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self.grad_scaler.scale(loss).backward()
             with record_function(OPTIMIZER_STEP):
-                self.optimizer.step()
+                self.grad_scaler.step(self.optimizer)
+                self.grad_scaler.update()
                 self.scheduler.step()
             batch_stats = [loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)]
             stats = all_reduce_sum(batch_stats, self.env.device).cpu()
@@ -163,9 +167,10 @@ class Trainer:
         shard = torch.arange(self.env.rank, len(test), self.env.world_size)
         for chunk in shard.split(512):
             x, y = self._inputs(test.x[chunk]), test.y[chunk].to(self.env.device)
-            logits = model(x)
-            if self.config.tta:  # average with the mirrored image, the one augmentation that is free to undo
-                logits = (logits + model(x.flip(3))) / 2
+            with self.precision.autocast():
+                logits = model(x).float()
+                if self.config.tta:  # average with the mirrored image, the one augmentation that is free to undo
+                    logits = (logits + model(x.flip(3)).float()) / 2
             totals += torch.tensor(
                 [
                     nn.functional.cross_entropy(logits, y, reduction="sum").item(),
@@ -207,6 +212,7 @@ class Trainer:
             "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "grad_scaler": self.grad_scaler.state_dict(),
             "epoch": epoch,
             "best_acc": self.best_acc,
             "rank_bn_buffers": per_rank,
@@ -227,6 +233,8 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("grad_scaler"):  # fp16 runs only; a run resumed in another precision starts a new scale
+                self.grad_scaler.load_state_dict(state["grad_scaler"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UserError(
                 f"{self.out / CHECKPOINT}: does not match this model ({first_line(exc)}); start a new --out"
@@ -271,8 +279,9 @@ def syncbn_transport(config: TrainConfig, env: DistEnv) -> str | None:
     return select_transport(world_group_for_syncbn())
 
 
-def environment_info(env: DistEnv, transport: str | None) -> dict:
+def environment_info(env: DistEnv, transport: str | None, precision: Precision) -> dict:
     return {
+        **precision.record(),
         "bnstudy": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -299,12 +308,13 @@ def train(config: TrainConfig, env: DistEnv, resume_from: dict | None = None) ->
     if resume_from is not None:
         main_print(f"resuming {out} after epoch {trainer.start_epoch} of {config.epochs}")
     transport = syncbn_transport(config, env)
-    run_config = {**checkpoint_config(config, trainer.data, env.world_size), **environment_info(env, transport)}
+    run_config = checkpoint_config(config, trainer.data, env.world_size)
+    run_config |= environment_info(env, transport, trainer.precision)
     writer = RunWriter(out, trainer.start_epoch, run_config) if env.is_main else None
     main_print(
         f"{config.model}/{config.norm} on {trainer.data.description}; {env.world_size} process(es), "
-        f"{config.batch_size}/process, backend {env.backend or 'none'}, device {env.device}"
-        + (f", sync BN over {transport}" if transport else "")
+        f"{config.batch_size}/process, backend {env.backend or 'none'}, device {env.device}, "
+        f"precision {trainer.precision.describe()}" + (f", sync BN over {transport}" if transport else "")
     )
     with removed_unless_checkpointed(out) if env.is_main else nullcontext():
         try:
@@ -324,6 +334,8 @@ def _train_epochs(trainer: Trainer, writer: RunWriter | None) -> dict:
         metrics = trainer.train_epoch(epoch, profiler)
         if epoch == trainer.start_epoch:
             profiler.stop()  # the profiled steps are in the first epoch
+        # in float32 whatever the training precision: an exact observation of the ranks' statistics, and PreciseBN's
+        # recount at full precision
         bn_records = bn_statistics_report(trainer.model, trainer.probe_batch())
         sync_bn_buffers(trainer.model, config.eval_bn, trainer.precise_batches)
         metrics.update(trainer.evaluate())
