@@ -77,3 +77,20 @@ def test_training_benchmarks_write_ratios(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(ddp.read_text())
     assert result["ratio"] == result["ddp_2x1_images_per_s"] / result["single_process_2_threads_images_per_s"] > 0
+
+
+def test_train_benchmark_compares_precisions_in_both_layouts(tmp_path):
+    """Smoke test of ``bench train`` at toy size: every (layout, precision) is measured and the ratios are its own."""
+    import json
+
+    out = tmp_path / "train.json"
+    argv = ["bench", "train", "--model", "seed-cnn", "--global-batch", "16", "--steps", "1", "--rounds", "1"]
+    done = subprocess.run([sys.executable, "-m", "bnstudy", *argv, "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {(row["processes"], row["precision"]): row for row in result["results"]}
+    assert set(rows) == {(1, "fp32"), (1, "bf16"), (2, "fp32"), (2, "bf16")}
+    for processes in (1, 2):
+        fp32, bf16 = rows[processes, "fp32"], rows[processes, "bf16"]
+        assert fp32["ratio_to_fp32"] == 1.0 and bf16["ratio_to_fp32"] == bf16["images_per_s"] / fp32["images_per_s"]
+    assert result["bf16_capability"].split()[0] in ("native", "emulated")

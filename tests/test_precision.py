@@ -128,3 +128,32 @@ def test_export_of_a_bf16_run_is_an_fp32_model_matching_torch(bf16_run, tmp_path
     assert json.loads(report.read_text())["verify"]["passed"]
     graph = onnx.load(out).graph
     assert {init.data_type for init in graph.initializer} == {onnx.TensorProto.FLOAT}
+
+
+def test_cast_rules():
+    from bnstudy.traces.cpu_attribution import BN_FORWARD, CAST, CONV_LINEAR, DATA, classify
+
+    assert classify("aten::_to_copy", CONV_LINEAR) == CAST  # autocast casting a conv's input: mixed precision's cost
+    assert classify("aten::to", None) == CAST and classify("ToCopyBackward0", None) == CAST
+    assert classify("autograd::engine::evaluate_function: ToCopyBackward0", None) == CAST
+    assert classify("aten::to", DATA) == DATA  # uint8 images to float: data loading, as before
+    assert classify("aten::_to_copy", BN_FORWARD) == BN_FORWARD
+    assert classify("aten::copy_", None) is None  # too generic to call a cast
+
+
+def test_trace_of_a_bf16_run_counts_autocast_casts_as_casts(tmp_path):
+    from bnstudy.traces.attribution import summarize
+    from bnstudy.training.run_directory import trace_dir
+
+    casts = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        config = TrainConfig(out=str(out), epochs=1, precision=precision, profile=True, **TINY_RUN)
+        train(config, DistEnv())
+        summary = summarize(trace_dir(out, "bn"), top=None)["mean"]
+        casts[precision] = summary["categories"]["cast"]["ms"]
+        if precision == "bf16":
+            ops = {op["name"]: op["category"] for op in summary["top_ops"]}
+            assert ops["aten::_to_copy"] == "cast"
+            assert all(cat == "conv_linear" for name, cat in ops.items() if "conv" in name.lower()), ops
+    assert casts["bf16"] > 0 and casts["bf16"] > 10 * casts["fp32"], casts

@@ -7,55 +7,68 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from bnstudy.benchmarks.steps import training_step_times
+from bnstudy.benchmarks.steps import images_per_s
 from bnstudy.distributed.process_group import spawn_gloo
 from bnstudy.errors import UserError, check_at_least, check_choice
 from bnstudy.models import check_image_model, create_model
 from bnstudy.norms import NORM_KINDS, check_norm_batch
+from bnstudy.precision import check_precision, resolve_precision
 
 WORLD_SIZE = 2
+CPU = torch.device("cpu")
 
 
-def _images_per_s(model: nn.Module, batch: int, steps: int) -> float:
-    return batch * steps / sum(training_step_times(model, batch, steps))
-
-
-def _ddp_worker(rank: int, world_size: int, model: str, norm: str, global_batch: int, steps: int, out: str) -> None:
+def _ddp_worker(
+    rank: int, world_size: int, model: str, norm: str, global_batch: int, steps: int, precision: str, out: str
+) -> None:
     torch.manual_seed(0)
-    rate = _images_per_s(create_model(model, norm), global_batch // world_size, steps)
+    rate = images_per_s(create_model(model, norm), global_batch // world_size, steps, resolve_precision(precision, CPU))
     if rank == 0:
         Path(out).write_text(json.dumps({"per_rank_images_per_s": rate}))
 
 
-def check_ddp_options(model: str, norm: str, global_batch: int, steps: int) -> None:
+def check_ddp_options(model: str, norm: str, global_batch: int, steps: int, precision: str = "fp32") -> None:
     """Refuse options the workers would fail on, before any process is spawned."""
     check_image_model(model)
     check_choice("--norm", norm, NORM_KINDS)
     check_at_least("--steps", steps, 1)
+    check_precision(precision, "cpu")
     if global_batch < WORLD_SIZE or global_batch % WORLD_SIZE:
         raise UserError(f"--global-batch must be a positive multiple of {WORLD_SIZE} (one share per process)")
     check_norm_batch(norm, global_batch // WORLD_SIZE, WORLD_SIZE, "images per process (--global-batch / 2)")
 
 
-def benchmark_ddp(model: str = "resnet", norm: str = "bn", global_batch: int = 512, steps: int = 8) -> dict:
-    """Throughput of the same global batch in one process with 2 threads and in 2 DDP processes with 1 thread."""
-    check_ddp_options(model, norm, global_batch, steps)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+def single_process_images_per_s(model: str, norm: str, batch: int, steps: int, precision: str, threads: int) -> float:
+    """Throughput of one process with ``threads`` threads (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     try:
-        single = _images_per_s(create_model(model, norm), global_batch, steps)
+        return images_per_s(create_model(model, norm), batch, steps, resolve_precision(precision, CPU))
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
+
+
+def ddp_images_per_s(model: str, norm: str, global_batch: int, steps: int, precision: str) -> float:
+    """Throughput of :data:`WORLD_SIZE` DDP processes × 1 thread (gloo) sharing ``global_batch``."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ddp.json"
-        spawn_gloo(_ddp_worker, WORLD_SIZE, model, norm, global_batch, steps, str(path), threads=1)
-        ddp = json.loads(path.read_text())["per_rank_images_per_s"] * WORLD_SIZE
+        spawn_gloo(_ddp_worker, WORLD_SIZE, model, norm, global_batch, steps, precision, str(path), threads=1)
+        return json.loads(path.read_text())["per_rank_images_per_s"] * WORLD_SIZE
+
+
+def benchmark_ddp(
+    model: str = "resnet", norm: str = "bn", global_batch: int = 512, steps: int = 8, precision: str = "fp32"
+) -> dict:
+    """Throughput of the same global batch in one process with 2 threads and in 2 DDP processes with 1 thread."""
+    check_ddp_options(model, norm, global_batch, steps, precision)
+    single = single_process_images_per_s(model, norm, global_batch, steps, precision, threads=WORLD_SIZE)
+    ddp = ddp_images_per_s(model, norm, global_batch, steps, precision)
     return {
         "model": model,
         "norm": norm,
+        "precision": resolve_precision(precision, CPU).name,
         "global_batch": global_batch,
         "steps": steps,
         "single_process_2_threads_images_per_s": single,

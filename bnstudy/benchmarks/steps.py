@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from bnstudy.precision import Precision
 
-def training_step_times(model: nn.Module, batch: int, steps: int, warmup: int = 2) -> list[float]:
-    """Seconds per SGD step (forward, backward, update) of ``model`` in channels_last, after ``warmup`` steps.
+
+def training_step_times(
+    model: nn.Module, batch: int, steps: int, warmup: int = 2, precision: Precision | None = None
+) -> list[float]:
+    """Seconds per SGD step (forward, backward, update) of ``model`` in channels_last, after ``warmup`` steps, with
+    the forward pass under ``precision``'s autocast (float32 when None).
 
     Under an initialised process group the model is wrapped in DDP (``broadcast_buffers=False``) and every step
     starts at a barrier, so each rank times the same step."""
@@ -26,10 +32,16 @@ def training_step_times(model: nn.Module, batch: int, steps: int, warmup: int = 
         if distributed:
             dist.barrier()
         start = time.perf_counter()
-        loss = nn.functional.cross_entropy(net(x), y)
+        with precision.autocast() if precision else nullcontext():
+            loss = nn.functional.cross_entropy(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
+
+
+def images_per_s(model: nn.Module, batch: int, steps: int, precision: Precision | None = None) -> float:
+    """Training throughput of one process over ``steps`` timed steps of ``batch`` images."""
+    return batch * steps / sum(training_step_times(model, batch, steps, precision=precision))

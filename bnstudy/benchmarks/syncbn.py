@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from bnstudy.benchmarks.steps import training_step_times
 from bnstudy.distributed.collectives import select_transport
@@ -19,6 +20,7 @@ from bnstudy.distributed.syncbn import convert_sync_batchnorm
 from bnstudy.errors import check_at_least
 from bnstudy.models import check_image_model, create_model
 from bnstudy.norms import check_norm_batch
+from bnstudy.precision import check_precision, resolve_precision
 
 
 def transports_here() -> tuple[str, ...]:
@@ -26,12 +28,16 @@ def transports_here() -> tuple[str, ...]:
     return ("gloo", "shm") if fast_path_supported() else ("gloo",)
 
 
-def _worker(rank: int, world_size: int, model_name: str, batches: list[int], steps: int, rounds: int, out: str) -> None:
+def _worker(
+    rank: int, world_size: int, model_name: str, batches: list[int], steps: int, rounds: int, precision: str, out: str
+) -> None:
+    chosen = resolve_precision(precision, torch.device("cpu"))
     groups = {}
     for transport in transports_here():  # one group per transport, so both run in the same processes
         groups[transport] = dist.new_group(backend="gloo")
         select_transport(groups[transport], transport)
     results: dict[str, dict[str, list[float]]] = {}
+    bar = tqdm(total=len(batches) * rounds, desc="bench syncbn", leave=False, disable=rank != 0)
     for batch in batches:
         torch.manual_seed(0)
         models = {"bn": create_model(model_name, "bn")}
@@ -40,15 +46,20 @@ def _worker(rank: int, world_size: int, model_name: str, batches: list[int], ste
         times: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(rounds):  # alternate so drift in machine load hits every variant alike
             for name, model in models.items():
-                times[name] += training_step_times(model, batch, steps)
+                times[name] += training_step_times(model, batch, steps, precision=chosen)
+            bar.update()
         results[str(batch)] = times
+    bar.close()
     if rank == 0:
         Path(out).write_text(json.dumps(results))
 
 
-def check_syncbn_options(model: str, batches: tuple[int, ...], steps: int, rounds: int, world_size: int) -> None:
+def check_syncbn_options(
+    model: str, batches: tuple[int, ...], steps: int, rounds: int, world_size: int, precision: str = "fp32"
+) -> None:
     """Refuse options the workers would fail on, before any process is spawned."""
     check_image_model(model)
+    check_precision(precision, "cpu")
     for name, value in (("--steps", steps), ("--rounds", rounds), ("world size", world_size)):
         check_at_least(name, value, 1)
     for batch in batches:
@@ -56,14 +67,19 @@ def check_syncbn_options(model: str, batches: tuple[int, ...], steps: int, round
 
 
 def benchmark_syncbn(
-    model: str = "resnet", batches: tuple[int, ...] = (8, 64), steps: int = 10, rounds: int = 2, world_size: int = 2
+    model: str = "resnet",
+    batches: tuple[int, ...] = (8, 64),
+    steps: int = 10,
+    rounds: int = 2,
+    world_size: int = 2,
+    precision: str = "fp32",
 ) -> dict:
     """Median DDP step time of plain BN and of SyncBN over each transport, per per-rank batch size, and the
     syncbn/bn ratios, all measured in one run."""
-    check_syncbn_options(model, batches, steps, rounds, world_size)
+    check_syncbn_options(model, batches, steps, rounds, world_size, precision)
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = Path(tmp) / "raw.json"
-        spawn_gloo(_worker, world_size, model, list(batches), steps, rounds, str(raw_path), threads=1)
+        spawn_gloo(_worker, world_size, model, list(batches), steps, rounds, precision, str(raw_path), threads=1)
         raw = json.loads(raw_path.read_text())
     rows = []
     for batch, times in raw.items():
@@ -83,6 +99,7 @@ def benchmark_syncbn(
     return {
         "model": model,
         "world_size": world_size,
+        "precision": resolve_precision(precision, torch.device("cpu")).name,
         "threads_per_rank": 1,
         "backend": "gloo",
         "torch": torch.__version__,

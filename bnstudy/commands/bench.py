@@ -1,9 +1,11 @@
-"""``bnstudy bench syncbn|ddp|export``: benchmarks that print ratios measured in one run."""
+"""``bnstudy bench syncbn|ddp|train|export``: benchmarks that print ratios measured in one run."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+PRECISION_HELP = "autocast type of the forward pass: fp32 or bf16 (auto: bf16 where native) (default: fp32)"
 
 
 def register(registry) -> None:
@@ -16,6 +18,7 @@ def register(registry) -> None:
     p.add_argument(
         "--rounds", type=int, default=2, help="alternating rounds of bn and each syncbn transport (default: 2)"
     )
+    p.add_argument("--precision", default="fp32", help=PRECISION_HELP)
     p.add_argument("--out", type=Path, default=Path("runs/bench/syncbn.json"), help="JSON result path")
     p.set_defaults(func=run_syncbn)
 
@@ -24,8 +27,21 @@ def register(registry) -> None:
     p.add_argument("--norm", default="bn", help="norm kind (default: bn)")
     p.add_argument("--global-batch", type=int, default=512, help="images per step over all processes (default: 512)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (default: 8)")
+    p.add_argument("--precision", default="fp32", help=PRECISION_HELP)
     p.add_argument("--out", type=Path, default=Path("runs/bench/ddp.json"), help="JSON result path")
     p.set_defaults(func=run_ddp)
+
+    p = registry.bench("train", "training images/s, fp32 vs bf16 autocast, 1 process x 2 threads and 2 x 1 (DDP)")
+    p.add_argument("--model", default="resnet", help="model name (default: resnet)")
+    p.add_argument("--norm", default="bn", help="norm kind (default: bn)")
+    p.add_argument("--global-batch", type=int, default=256, help="images per step over all processes (default: 256)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (default: 5)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of every variant (default: 2)")
+    p.add_argument(
+        "--precisions", nargs="+", default=["fp32", "bf16"], help="compared precisions, the first is the baseline"
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/bench/train.json"), help="JSON result path")
+    p.set_defaults(func=run_train)
 
     p = registry.bench("export", "latency and throughput: torch eager/folded vs onnxruntime unfolded/folded")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
@@ -44,7 +60,7 @@ def run_syncbn(args: argparse.Namespace) -> int:
     from bnstudy.io import check_writable, write_json
 
     check_writable(args.out)
-    result = benchmark_syncbn(args.model, tuple(args.batches), args.steps, args.rounds)
+    result = benchmark_syncbn(args.model, tuple(args.batches), args.steps, args.rounds, precision=args.precision)
     print(f"{'images/rank':>11}  {'transport':>9}  {'bn step (ms)':>12}  {'syncbn step (ms)':>16}  {'ratio':>6}")
     for row in result["results"]:
         print(
@@ -61,10 +77,27 @@ def run_ddp(args: argparse.Namespace) -> int:
     from bnstudy.io import check_writable, write_json
 
     check_writable(args.out)
-    result = benchmark_ddp(args.model, args.norm, args.global_batch, args.steps)
+    result = benchmark_ddp(args.model, args.norm, args.global_batch, args.steps, args.precision)
     print(f"1 process x 2 threads: {result['single_process_2_threads_images_per_s']:.0f} img/s")
     print(f"2 processes x 1 thread (DDP, gloo): {result['ddp_2x1_images_per_s']:.0f} img/s")
     print(f"ratio DDP / single: {result['ratio']:.3f}")
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from bnstudy.benchmarks.train import benchmark_train
+    from bnstudy.io import check_writable, write_json
+
+    check_writable(args.out)
+    result = benchmark_train(args.model, args.norm, args.global_batch, args.steps, args.rounds, tuple(args.precisions))
+    baseline = args.precisions[0]
+    print(f"CPU: {result['bf16_capability']}")
+    print(f"{'processes x threads':>19}  {'precision':>9}  {'images/s':>8}  {'vs ' + baseline:>8}")
+    for row in result["results"]:
+        layout = f"{row['processes']} x {row['threads_per_process']}"
+        print(f"{layout:>19}  {row['precision']:>9}  {row['images_per_s']:>8.0f}  {row[f'ratio_to_{baseline}']:>8.3f}")
     write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0

@@ -21,6 +21,7 @@ def register(registry) -> None:
     p.add_argument("--data", help="auto | synthetic | PATH (default: auto; quick: synthetic)")
     p.add_argument("--train-subset", type=int, help="training images used (default: 10000; quick: 512)")
     p.add_argument("--width", type=int, help="model base width (default: 16; quick: 8)")
+    p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 (CUDA), as the launcher's (default: fp32)")
     p.add_argument(
         "--out",
         type=Path,
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         "data": args.data,
         "train_subset": args.train_subset,
         "width": args.width,
+        "precision": args.precision,
     }
     plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
     out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)

@@ -1,12 +1,14 @@
 """CPU attribution: which category each moment of a CPU thread belongs to (BN forward, BN backward, BN
-synchronisation, convolution/linear, DDP gradient all-reduce, optimizer, data loading, other), and a step's CPU time
-across the threads that ran it.
+synchronisation, convolution/linear, precision casts, DDP gradient all-reduce, optimizer, data loading, other), and
+a step's CPU time across the threads that ran it.
 
 Rules:
 - Events nest by time on each thread. An event's category is that of its outermost categorised ancestor (so
-  ``aten::native_batch_norm`` inside ``aten::batch_norm`` counts once), with one exception: a collective issued
-  inside a BN event is BN synchronisation (plain BN issues none; sync BN's forward and backward do). Other
-  collectives are DDP's when launched inside autograd (DDP's gradient hooks) or DDP's forward, else "other"
+  ``aten::native_batch_norm`` inside ``aten::batch_norm`` counts once), with two exceptions: a collective issued
+  inside a BN event is BN synchronisation (plain BN issues none; sync BN's forward and backward do), and a dtype
+  cast inside a convolution/linear event is a precision cast (under autocast, ``aten::conv2d`` first casts its
+  input and weight to bf16/fp16: the price of mixed precision, not of the convolution). Other collectives are
+  DDP's when launched inside autograd (DDP's gradient hooks) or DDP's forward, else "other"
   (a loop's metric all-reduce, a barrier).
 - Each event's self time (its duration minus its children's) goes to its category, "other" when it has none. The
   self times of a thread's events partition the time they cover.
@@ -41,6 +43,7 @@ BN_FORWARD = "bn_forward"
 BN_BACKWARD = "bn_backward"
 BN_SYNC = "bn_sync"
 CONV_LINEAR = "conv_linear"
+CAST = "cast"
 DDP_ALLREDUCE = "ddp_allreduce"
 OPTIMIZER = "optimizer"
 DATA = "data_loading"
@@ -50,6 +53,7 @@ CATEGORY_LABELS = {
     BN_BACKWARD: "BN backward",
     BN_SYNC: "BN synchronisation",
     CONV_LINEAR: "convolution/linear",
+    CAST: "precision casts",
     DDP_ALLREDUCE: "DDP gradient all-reduce",
     OPTIMIZER: "optimizer",
     DATA: "data loading",
@@ -64,6 +68,11 @@ _BN = re.compile(r"batch_?norm", re.IGNORECASE)
 _CONV_LINEAR = re.compile(
     r"^aten::(\w*conv(?!ert)\w*|linear|addmm|_addmm_activation|mm|bmm|baddbmm|matmul)$"
     r"|^\w*(Convolution|Addmm|Mm|Bmm|Linear)Backward\d*$"
+)
+# dtype conversions: autocast's (``aten::to`` → ``aten::_to_copy``, and their backward), oneDNN's layout reorders
+_CAST = re.compile(
+    r"^aten::(to|_to_copy|_autocast_to_(reduced|full)_precision|to_mkldnn|to_dense|mkldnn_reorder_\w+)$"
+    r"|^ToCopyBackward\d*$"
 )
 _COLLECTIVE = re.compile(r"^(c10d::|gloo:|nccl:)|^record_param_comms$")
 _DDP_REDUCER = re.compile(r"reducer::")
@@ -99,6 +108,8 @@ def classify(name: str, enclosing: str | None, in_ddp_scope: bool = False) -> st
     base = name.removeprefix(AUTOGRAD_PREFIX)
     if enclosing in (BN_FORWARD, BN_BACKWARD):
         return BN_SYNC if is_collective(base) else enclosing
+    if enclosing == CONV_LINEAR and _CAST.search(base):
+        return CAST
     if enclosing is not None:
         return enclosing
     if base.startswith(SYNCBN_LABEL_PREFIX):
@@ -109,6 +120,8 @@ def classify(name: str, enclosing: str | None, in_ddp_scope: bool = False) -> st
         return BN_FORWARD
     if _CONV_LINEAR.search(base):
         return CONV_LINEAR
+    if _CAST.search(base):
+        return CAST
     if (in_ddp_scope and is_collective(base)) or _DDP_REDUCER.search(base):
         return DDP_ALLREDUCE
     if base == OPTIMIZER_STEP or _OPTIMIZER.search(base):

@@ -13,8 +13,8 @@ Each GPU activity gets one category:
    ``im2col``, …).
 4. Names alone are ambiguous for the rest (an elementwise kernel, a copy): they take the category of the CPU
    operator that launched them (its correlation id or launch flow leads to the runtime call, the call to the
-   innermost operator around it): BN forward/backward/synchronisation, DDP gradient all-reduce, or
-   convolution/GEMM (cuDNN's and cuBLAS's helper kernels).
+   innermost operator around it): BN forward/backward/synchronisation, DDP gradient all-reduce,
+   convolution/GEMM (cuDNN's and cuBLAS's helper kernels), or precision casts (autocast's copy kernels).
 5. Otherwise: memcpy, memset, elementwise (``elementwise``, fills, copies, ``multi_tensor_apply``), other kernels.
 
 A step's GPU time is the step's window ([start, end] of its ``ProfilerStep``) on each device's timeline: at each
@@ -32,7 +32,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from bnstudy.traces.cpu_attribution import BN_BACKWARD, BN_FORWARD, BN_SYNC, CONV_LINEAR, DDP_ALLREDUCE, CpuTimeline
+from bnstudy.traces.cpu_attribution import (
+    BN_BACKWARD,
+    BN_FORWARD,
+    BN_SYNC,
+    CAST,
+    CONV_LINEAR,
+    DDP_ALLREDUCE,
+    CpuTimeline,
+)
 from bnstudy.traces.trace_events import KERNEL, MEMCPY, MEMSET, Event
 
 CONV_GEMM = "conv_gemm"
@@ -48,6 +56,7 @@ GPU_CATEGORY_LABELS = {
     BN_SYNC: "BN synchronisation",
     DDP_ALLREDUCE: "DDP gradient all-reduce",
     CONV_GEMM: "convolution/GEMM",
+    CAST: "precision casts",
     ELEMENTWISE: "elementwise",
     GPU_MEMCPY: "memcpy",
     GPU_MEMSET: "memset",
@@ -73,6 +82,7 @@ _BY_LAUNCHER = {
     BN_SYNC: BN_SYNC,
     DDP_ALLREDUCE: DDP_ALLREDUCE,
     CONV_LINEAR: CONV_GEMM,
+    CAST: CAST,
 }
 
 

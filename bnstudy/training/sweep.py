@@ -47,6 +47,7 @@ class SweepPlan:
     test_subset: int | None = None
     synthetic_size: int = 20000
     seed: int = 0
+    precision: str = "fp32"
 
     def lr(self, batch: int) -> float:
         """Linear scaling rule (Goyal et al. 2017): the learning rate grows with the global batch, base at 256."""
@@ -67,6 +68,7 @@ class SweepPlan:
             synthetic_size=self.synthetic_size,
             train_subset=self.train_subset,
             test_subset=self.test_subset,
+            precision=self.precision,
         )
 
 
@@ -74,6 +76,7 @@ QUICK = SweepPlan(epochs=1, data="synthetic", width=8, train_subset=512, test_su
 # The options a point's command line sets; the rest keep TrainConfig's defaults.
 POINT_OPTIONS = (
     "norm", "batch_size", "lr", "epochs", "data", "width", "seed", "synthetic_size", "train_subset", "test_subset",
+    "precision",
 )  # fmt: skip
 
 
