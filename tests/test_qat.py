@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import copy
 
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from bnstudy.data import CIFAR10_MEAN, CIFAR10_STD, to_model_input
 from bnstudy.distributed.process_group import spawn_gloo
 from bnstudy.edge.fold import fold_layer_bn, randomize_batchnorm
+from bnstudy.edge.onnx_export import count_nodes
 from bnstudy.edge.qat import ActivationFakeQuant, FoldedConvBn, freeze_bn_statistics, prepare_qat
+from bnstudy.edge.qat_export import export_qat_onnx, qat_parity, runtime_op_counts
 from bnstudy.edge.qat_math import (
     ACTIVATION_RANGE,
     WEIGHT_RANGE,
@@ -25,6 +29,7 @@ from bnstudy.edge.qat_math import (
 )
 from bnstudy.errors import UserError
 from bnstudy.models import CifarResNet, seed_cnn
+from deploy.edge import load_model, run_batched
 
 
 def test_weight_scale_uses_the_range_without_clipping():
@@ -167,3 +172,73 @@ def test_ddp_qat_with_syncbn_keeps_rank_statistics_identical(tmp_path):
     for name, value in ranks[0].items():
         torch.testing.assert_close(ranks[1][name], value, rtol=0, atol=0, msg=name)
     assert not torch.equal(ranks[0]["model.0.0.bn.running_var"], torch.ones(8))  # the statistics did move
+
+
+def colour_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, 32, 32, 3) images whose class is their mean colour, plus noise, and their labels: a tiny CNN learns
+    them in a few dozen steps, so parity is checked on confident, varied predictions."""
+    gen = torch.Generator().manual_seed(seed)
+    colours = torch.rand(10, 1, 1, 3, generator=torch.Generator().manual_seed(1234))
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    x = colours[labels] + 0.15 * torch.randn(n, 32, 32, 3, generator=gen)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(steps):
+        index = torch.randint(0, len(x), (64,))
+        loss = F.cross_entropy(model(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """seed_cnn(width=8) trained in fp32, then QAT with BN learning and frozen, exported as QDQ ONNX."""
+    torch.manual_seed(0)
+    pixels, labels = colour_images(512, seed=0)
+    x = to_model_input(pixels, CIFAR10_MEAN, CIFAR10_STD)
+    model = seed_cnn("bn", width=8)
+    train_steps(model, x, labels, 30)
+    qat = prepare_qat(model)
+    train_steps(qat, x, labels, 10)
+    train_steps(freeze_bn_statistics(qat), x, labels, 10)
+    path = tmp_path_factory.mktemp("qat") / "model.int8.onnx"
+    config = {"model": "seed-cnn", "norm": "bn", "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}
+    export_qat_onnx(qat.eval(), path, (3, 32, 32), config)
+    return qat, path
+
+
+def test_export_is_int8_qdq_that_onnxruntime_runs_with_integer_kernels(exported):
+    qat, path = exported
+    proto = onnx.load(str(path))
+    weights = [t for t in proto.graph.initializer if t.name.startswith("weight_int8")]
+    assert [t.data_type for t in weights] == [onnx.TensorProto.INT8] * 2
+    assert all(onnx.numpy_helper.to_array(t).min() >= WEIGHT_RANGE[0] for t in weights)
+    assert max(onnx.numpy_helper.to_array(t).max() for t in weights) == WEIGHT_RANGE[1]
+    assert {"QuantizeLinear", "DequantizeLinear"} <= set(count_nodes(proto))
+    runtime = runtime_op_counts(path)
+    assert runtime.get("QLinearConv") == 2 and "Conv" not in runtime and "BatchNormalization" not in runtime
+
+
+def test_export_parity_with_the_fake_quant_model(exported):
+    qat, path = exported
+    pixels, labels = colour_images(1000, seed=7)
+    parity = qat_parity(path, qat, to_model_input(pixels, CIFAR10_MEAN, CIFAR10_STD))
+    assert parity.top1_agreement >= 0.99
+    assert parity.max_logit_error <= parity.logit_error_bound
+    with torch.no_grad():
+        accuracy = (qat.eval()(to_model_input(pixels, CIFAR10_MEAN, CIFAR10_STD)).argmax(1) == labels).float().mean()
+    assert accuracy > 0.5  # confident, varied predictions: agreement is not that of a constant classifier
+
+
+def test_deploy_runs_the_export_unchanged(exported):
+    qat, path = exported
+    pixels, _ = colour_images(64, seed=8)
+    session, spec = load_model(path)
+    logits = run_batched(session, spec, pixels.numpy(), 32).logits
+    with torch.no_grad():
+        expected = qat.eval()(to_model_input(pixels, CIFAR10_MEAN, CIFAR10_STD)).numpy()
+    assert (logits.argmax(1) == expected.argmax(1)).mean() >= 0.98
