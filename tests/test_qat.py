@@ -17,7 +17,7 @@ from bnstudy.distributed.process_group import spawn_gloo
 from bnstudy.edge.fold import fold_layer_bn, randomize_batchnorm
 from bnstudy.edge.onnx_export import count_nodes
 from bnstudy.edge.qat import ActivationFakeQuant, FoldedConvBn, freeze_bn_statistics, prepare_qat
-from bnstudy.edge.qat_export import export_qat_onnx, qat_parity, runtime_op_counts
+from bnstudy.edge.qat_export import export_qat_onnx, qat_model_from_checkpoint, qat_parity, runtime_op_counts
 from bnstudy.edge.qat_math import (
     ACTIVATION_RANGE,
     WEIGHT_RANGE,
@@ -29,6 +29,8 @@ from bnstudy.edge.qat_math import (
 )
 from bnstudy.errors import UserError
 from bnstudy.models import CifarResNet, seed_cnn
+from bnstudy.training.checkpoint import load_checkpoint, save_checkpoint
+from bnstudy.training.launcher import main
 from deploy.edge import load_model, run_batched
 
 
@@ -242,3 +244,39 @@ def test_deploy_runs_the_export_unchanged(exported):
     with torch.no_grad():
         expected = qat.eval()(to_model_input(pixels, CIFAR10_MEAN, CIFAR10_STD)).numpy()
     assert (logits.argmax(1) == expected.argmax(1)).mean() >= 0.98
+
+
+RUN = ["--data", "synthetic", "--synthetic-size", "512", "--batch-size", "32", "--test-subset", "200"]
+
+
+def test_qat_from_a_run_fine_tunes_it_freezes_bn_and_exports(tmp_path):
+    source, qat, frozen_from_start = tmp_path / "fp32", tmp_path / "qat", tmp_path / "qat-frozen"
+    assert main([*RUN, "--model", "seed-cnn", "--width", "4", "--epochs", "1", "--out", str(source)]) == 0
+    common = [*RUN, "--qat-from", str(source), "--epochs", "1", "--lr", "0.05"]
+    assert main([*common, "--out", str(qat)]) == 0
+    assert main([*common, "--freeze-bn-epoch", "0", "--out", str(frozen_from_start)]) == 0
+    trained, learning, frozen = (load_checkpoint(run)["model"] for run in (source, qat, frozen_from_start))
+    assert not torch.equal(learning["model.0.0.bn.running_var"], trained["0.1.running_var"])
+    torch.testing.assert_close(frozen["model.0.0.bn.running_var"], trained["0.1.running_var"], rtol=0, atol=0)
+    assert [frozen[f"model.{i}.0.frozen"].item() for i in (0, 1)] == [True, True]
+
+    model, config = qat_model_from_checkpoint(qat)
+    assert config["model"] == "seed-cnn" and config["qat_from"] == str(source)
+    path = export_qat_onnx(model, tmp_path / "qat.onnx", tuple(config["input_shape"]), config)
+    pixels, _ = colour_images(200, seed=3)
+    parity = qat_parity(path, model, to_model_input(pixels, CIFAR10_MEAN, CIFAR10_STD))
+    assert parity.top1_agreement >= 0.99 and parity.max_logit_error <= parity.logit_error_bound
+
+
+def test_qat_from_refuses_a_path_that_is_not_a_run_and_a_run_without_bn(tmp_path, capsys):
+    assert main([*RUN, "--qat-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "a")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("train_cifar: error: --qat-from") and "no checkpoint found" in error
+    config = {"model": "seed-cnn", "width": 4, "norm": "gn", "num_classes": 10, "model_kwargs": {"width": 4}}
+    save_checkpoint(
+        tmp_path / "gn" / "checkpoint.pt", {"model": seed_cnn("gn", width=4).state_dict(), "config": config}
+    )
+    assert main([*RUN, "--qat-from", str(tmp_path / "gn"), "--out", str(tmp_path / "b")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "has no BN to fold" in error and "\n" not in error
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

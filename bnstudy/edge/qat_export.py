@@ -30,10 +30,11 @@ from torch import Tensor, nn
 
 from bnstudy.edge.fold import FoldReport
 from bnstudy.edge.onnx_export import INPUT_NAME, METADATA_PREFIX, count_nodes, deployment_metadata, ort_session
-from bnstudy.edge.qat import ActivationFakeQuant, FoldedConvBn
+from bnstudy.edge.qat import ActivationFakeQuant, FoldedConvBn, prepare_qat
 from bnstudy.errors import UserError, first_line
 from bnstudy.io import atomic_write
 from bnstudy.models import CifarResNet, Residual
+from bnstudy.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 OPSET = 20  # the first with Gelu (CifarResNet's activation)
 OUTPUT_NAME = "output"
@@ -213,6 +214,13 @@ def export_qat_onnx(
     except onnx.checker.ValidationError as exc:
         raise UserError(f"the QDQ ONNX graph is invalid ({first_line(exc)})") from None
     return atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
+
+
+def qat_model_from_checkpoint(source: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """The eval-mode QAT model of a run trained with ``--qat-from`` (a run directory or checkpoint), and its config."""
+    if not load_checkpoint(source)["config"].get("qat_from"):
+        raise UserError(f"{source}: not a QAT run (trained without --qat-from); deploy/quantize.py quantises it")
+    return model_from_checkpoint(source, prepare=prepare_qat)
 
 
 def runtime_op_counts(path: str | os.PathLike) -> dict[str, int]:

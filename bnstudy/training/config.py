@@ -53,6 +53,8 @@ class TrainConfig:
     tta: bool = True
     profile: bool = False
     device: str = "auto"
+    qat_from: str | None = None  # quantisation-aware fine-tuning of this run's model (BN folded)
+    freeze_bn_epoch: int | None = None  # QAT: BN running statistics stop updating from this epoch (0-based) on
 
     @classmethod
     def from_dict(cls, stored: dict[str, Any]) -> TrainConfig:
@@ -84,11 +86,24 @@ class TrainConfig:
             raise UserError("--data is empty; pass auto, synthetic or a PATH")
         if not self.out:
             raise UserError("--out is empty; name the run directory, e.g. runs/NAME")
+        self._check_qat()
         if self.device == "cuda":
             import torch
 
             if not torch.cuda.is_available():
                 raise UserError("--device cuda: CUDA is not available here; use --device cpu (or auto)")
+
+    def _check_qat(self) -> None:
+        if self.qat_from is None:
+            if self.freeze_bn_epoch is not None:
+                raise UserError("--freeze-bn-epoch applies to quantisation-aware training; add --qat-from RUN")
+            return
+        if self.norm not in ("bn", "syncbn"):
+            raise UserError(f"--qat-from folds BN into the convs, so it needs --norm bn or syncbn, not {self.norm}")
+        if self.eval_bn == "precise":  # its forward passes would move the activation quantisers' ranges too
+            raise UserError("--eval-bn precise does not apply to QAT runs; use local, reduce or broadcast")
+        if self.freeze_bn_epoch is not None and not 0 <= self.freeze_bn_epoch <= self.epochs:
+            raise UserError(f"--freeze-bn-epoch must lie in 0..--epochs ({self.epochs}), got {self.freeze_bn_epoch}")
 
     def _check_optimizer(self) -> None:
         check_positive("--lr", self.lr)
