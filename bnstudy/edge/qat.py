@@ -5,10 +5,9 @@ a trained bnstudy image model into that form) and :func:`freeze_bn_statistics`. 
 
 Why bnstudy's own modules rather than torch.ao's ``prepare_qat_fx`` / ``torch.ao.nn.intrinsic.qat.ConvBn2d``:
 
-- the shipped INT8 model must be written by bnstudy anyway: neither ONNX exporter of torch 2.14 converts a 7-bit
-  per-channel fake quantisation (the TorchScript exporter only allows the ranges (0, 127), (0, 255) and (-128, 127);
-  the dynamo exporter has no translation for ``fake_quantize_per_channel_affine``), and 7 bits are what onnxruntime
-  needs on CPUs without VNNI (see :mod:`bnstudy.edge.qat_math`);
+- the shipped INT8 model must be written by bnstudy anyway: both ONNX exporters of torch 2.14 refuse a 7-bit fake
+  quantisation range ("ONNX allows only (0, 127), (0, 255) and (-128, 127)"), and 7 bits are what onnxruntime needs
+  on CPUs without VNNI (see :mod:`bnstudy.edge.qat_math`);
 - the fold must be the one export uses (:mod:`bnstudy.edge.fold_math`), and the BN inside any ``_BatchNorm``: here
   the module calls its BN for the batch statistics, so bnstudy's CPU :class:`~bnstudy.distributed.syncbn
   .SyncBatchNorm` synchronises them under DDP with no further code (``ConvBn2d`` builds its own ``nn.BatchNorm2d``);
@@ -126,10 +125,10 @@ class ActivationFakeQuant(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x: Tensor) -> None:
-        low = _all_reduce(x.detach().amin().float(), dist.ReduceOp.MIN)
-        high = _all_reduce(x.detach().amax().float(), dist.ReduceOp.MAX)
+        low, high = x.detach().aminmax()
+        negated_low, high = _all_reduce(torch.stack([-low, high]).float(), dist.ReduceOp.MAX)  # one collective
         weight = 1.0 if self.observed == 0 else self.momentum
-        self.min_val.lerp_(low, weight)
+        self.min_val.lerp_(-negated_low, weight)
         self.max_val.lerp_(high, weight)
         self.observed += 1
 

@@ -4,8 +4,8 @@
 of file deploy/quantize.py writes): each folded conv's weights as an int8 initializer with per-output-channel
 DequantizeLinear, its bias as int32 at scale s_input·s_weight, and a QuantizeLinear → DequantizeLinear pair wherever
 the model fake-quantises an activation. The graph is written from the modules :func:`bnstudy.edge.qat.prepare_qat`
-produces rather than by torch.onnx, since neither of its exporters converts 7-bit per-channel fake quantisation
-(see :mod:`bnstudy.edge.qat`); the quantisation parameters are therefore the torch model's own, bit for bit.
+produces rather than by torch.onnx, since both of its exporters refuse the 7-bit weight range (see
+:mod:`bnstudy.edge.qat`); the quantisation parameters are therefore the torch model's own, bit for bit.
 
 :func:`qat_parity` runs the file in onnxruntime (default optimisations, i.e. the INT8 kernels) against the torch
 model in eval mode.
@@ -137,7 +137,7 @@ class _GraphWriter:
             return self.node("Gelu", [x], approximate=module.approximate)
         if isinstance(module, nn.MaxPool2d) and not module.return_indices:
             kernel, stride, padding, dilation = (
-                list(torch.nn.modules.utils._pair(v))
+                list(v) if isinstance(v, tuple) else [v, v]
                 for v in (module.kernel_size, module.stride, module.padding, module.dilation)
             )
             return self.node(
