@@ -143,7 +143,7 @@ def test_prepare_refuses_a_model_without_batchnorm(norm):
 
 
 def test_prepare_rewrites_the_image_models():
-    for model, pairs, quantisers in ((seed_cnn("bn", width=4), 2, 3), (CifarResNet("bn", width=8), 7, 11)):
+    for model, pairs, quantisers in ((seed_cnn("bn", width=4), 2, 3), (CifarResNet("bn", width=8), 7, 18)):
         qat = prepare_qat(model)
         assert sum(isinstance(m, FoldedConvBn) for m in qat.modules()) == pairs
         assert sum(isinstance(m, ActivationFakeQuant) for m in qat.modules()) == quantisers
@@ -234,6 +234,21 @@ def test_export_parity_with_the_fake_quant_model(exported):
     with torch.no_grad():
         accuracy = (qat.eval()(to_model_input(pixels, CIFAR10_MEAN, CIFAR10_STD)).argmax(1) == labels).float().mean()
     assert accuracy > 0.5  # confident, varied predictions: agreement is not that of a constant classifier
+
+
+def test_resnet_export_runs_every_conv_in_int8_and_agrees(tmp_path):
+    torch.manual_seed(0)
+    pixels, labels = colour_images(512, seed=0)
+    x = to_model_input(pixels, CIFAR10_MEAN, CIFAR10_STD)
+    model = CifarResNet("bn", width=8)
+    train_steps(model, x, labels, 10)
+    qat = prepare_qat(model)
+    train_steps(qat, x, labels, 5)
+    path = export_qat_onnx(qat.eval(), tmp_path / "resnet.int8.onnx", (3, 32, 32))
+    test_pixels, _ = colour_images(1000, seed=7)
+    parity = qat_parity(path, qat, to_model_input(test_pixels, CIFAR10_MEAN, CIFAR10_STD))
+    assert parity.runtime_ops.get("QLinearConv") == 7 and "Conv" not in parity.runtime_ops
+    assert parity.top1_agreement >= 0.99 and parity.max_logit_error <= parity.logit_error_bound
 
 
 def test_deploy_runs_the_export_unchanged(exported):

@@ -185,6 +185,8 @@ def _rewrite(module: nn.Module, weight_range: tuple[int, int]) -> int:
             out.append(run[0])
             folded += 1
             i += run[1]
+            if i == len(children) or not isinstance(children[i], nn.ReLU):
+                out.append(ActivationFakeQuant())  # onnxruntime runs an INT8 conv only when its output is quantised
             continue
         out.append(children[i])
         if isinstance(children[i], QUANTISED_OUTPUTS):
@@ -196,9 +198,11 @@ def _rewrite(module: nn.Module, weight_range: tuple[int, int]) -> int:
 
 def prepare_qat(model: nn.Module, weight_range: tuple[int, int] = WEIGHT_RANGE) -> nn.Sequential:
     """A QAT copy of a trained fp32 image model: every conv → BN (or conv → max-pool → BN) inside an nn.Sequential
-    becomes a :class:`FoldedConvBn`, the output of every ReLU, GELU and residual block and the model input get an
-    :class:`ActivationFakeQuant`. Returns ``Sequential(input_quant, model)`` in training mode; ``model`` is
-    untouched. Raises a one-line UserError when there is no BN to fold or a BN is left unfolded.
+    becomes a :class:`FoldedConvBn`; the model input, the output of every ReLU, GELU and residual block, and that of
+    every folded conv not followed by a ReLU (whose quantiser covers it: its zero point is 0) get an
+    :class:`ActivationFakeQuant`, so every conv reads and writes quantised tensors, as onnxruntime's QLinearConv
+    does. Returns ``Sequential(input_quant, model)`` in training mode; ``model`` is untouched. Raises a one-line
+    UserError when there is no BN to fold or a BN is left unfolded.
     """
     copy_ = copy.deepcopy(model)
     folded = _rewrite(copy_, weight_range)

@@ -68,8 +68,18 @@ class _GraphWriter:
     def emit(self, module: nn.Module, x: str, scale: float | None, name: str) -> tuple[str, float | None]:
         """The output of ``module`` applied to tensor ``x`` and that output's activation scale (None: not on a grid)."""
         if isinstance(module, nn.Sequential):
-            for child_name, child in module.named_children():
-                x, scale = self.emit(child, x, scale, f"{name}.{child_name}" if name else child_name)
+            children = list(module.named_children())
+            quantised_pools = [
+                i
+                for i, (_, child) in enumerate(children[:-1])
+                if isinstance(child, FoldedConvBn) and isinstance(children[i + 1][1], ActivationFakeQuant)
+            ]
+            for i, (child_name, child) in enumerate(children):
+                path = f"{name}.{child_name}" if name else child_name
+                if i in quantised_pools:
+                    x, scale = self.conv_quantised_before_pool(child, children[i + 1][1], x, scale, path)
+                elif i - 1 not in quantised_pools:
+                    x, scale = self.emit(child, x, scale, path)
             return x, scale
         if isinstance(module, nn.Identity):
             return x, scale
@@ -83,6 +93,17 @@ class _GraphWriter:
             x, _ = self.emit(nn.Sequential(module.stem, module.stages, module.pool), x, scale, name)
             return self.emit(module.head, self.node("Flatten", [x], axis=1), None, f"{name}.head")
         return self.plain(module, x, name), None
+
+    def conv_quantised_before_pool(
+        self, module: FoldedConvBn, quantiser: ActivationFakeQuant, x: str, scale: float | None, name: str
+    ) -> tuple[str, float]:
+        """``quantiser(module(x))`` with the quantiser applied to the conv output and again after the pool, which
+        changes nothing (max-pooling commutes with rounding, a monotone map) but lets onnxruntime fuse Conv → Q into
+        QLinearConv and run the max-pool on uint8."""
+        x, out_scale = self.activation(quantiser, self.conv(module, x, scale, name))
+        if isinstance(module.pool, nn.Identity):
+            return x, out_scale
+        return self.activation(quantiser, self.emit(module.pool, x, out_scale, f"{name}.pool")[0])
 
     def activation(self, module: ActivationFakeQuant, x: str) -> tuple[str, float]:
         scale, zero_point = module.qparams()
