@@ -102,9 +102,9 @@ class FoldedConvBn(nn.Module):
         return self.bn(self.pool(y))
 
 
-def _all_reduce(value: Tensor, op: dist.ReduceOp) -> Tensor:
+def _all_reduce_max(value: Tensor) -> Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op)
+        dist.all_reduce(value, dist.ReduceOp.MAX)
     return value
 
 
@@ -126,7 +126,7 @@ class ActivationFakeQuant(nn.Module):
     @torch.no_grad()
     def _observe(self, x: Tensor) -> None:
         low, high = x.detach().aminmax()
-        negated_low, high = _all_reduce(torch.stack([-low, high]).float(), dist.ReduceOp.MAX)  # one collective
+        negated_low, high = _all_reduce_max(torch.stack([-low, high]).float())  # min and max in one collective
         weight = 1.0 if self.observed == 0 else self.momentum
         self.min_val.lerp_(-negated_low, weight)
         self.max_val.lerp_(high, weight)
