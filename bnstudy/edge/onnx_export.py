@@ -270,8 +270,14 @@ def export_onnx(
     )
 
 
-def ort_session(path: str | os.PathLike, level: str = "default", threads: int = 2):
-    """An onnxruntime CPU session; ``level`` "disabled" turns all graph optimisations (Conv+BN fusion too) off."""
+def ort_session(
+    path: str | os.PathLike,
+    level: str = "default",
+    threads: int = 2,
+    optimized_model_path: str | os.PathLike | None = None,
+):
+    """An onnxruntime CPU session; ``level`` "disabled" turns all graph optimisations (Conv+BN fusion too) off.
+    ``optimized_model_path``: where onnxruntime saves the graph it runs, after its optimisations."""
     options = ort.SessionOptions()
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_DISABLE_ALL if level == "disabled" else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -279,6 +285,8 @@ def ort_session(path: str | os.PathLike, level: str = "default", threads: int = 
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -11,6 +11,7 @@ import os
 import pickle
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +69,20 @@ def inference_norm(norm: str) -> str:
     return "bn" if norm == "syncbn" else norm
 
 
-def model_from_checkpoint(source: str | os.PathLike, *, for_inference: bool = True) -> tuple[nn.Module, dict]:
-    """Rebuild the model a checkpoint describes and load its weights; returns (model, config)."""
+def model_from_checkpoint(
+    source: str | os.PathLike,
+    *,
+    for_inference: bool = True,
+    prepare: Callable[[nn.Module], nn.Module] | None = None,
+) -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint describes and load its weights; returns (model, config). ``prepare`` turns the
+    built model into the form the checkpoint holds before its weights are loaded (e.g. QAT form)."""
     state = load_checkpoint(source)
     config = state["config"]
     norm = inference_norm(config["norm"]) if for_inference else config["norm"]
     model = create_model(config["model"], norm, num_classes=config["num_classes"], **config.get("model_kwargs", {}))
+    if prepare is not None:
+        model = prepare(model)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

@@ -58,6 +58,8 @@ class TrainConfig:
     profile: bool = False
     device: str = "auto"
     precision: str = "fp32"  # auto: bf16 where the device runs it natively (bnstudy.precision), else fp32
+    qat_from: str | None = None  # quantisation-aware fine-tuning of this run's model (BN folded)
+    freeze_bn_epoch: int | None = None  # QAT: BN running statistics stop updating from this epoch (0-based) on
 
     @classmethod
     def from_dict(cls, stored: dict[str, Any]) -> TrainConfig:
@@ -89,6 +91,7 @@ class TrainConfig:
             raise UserError("--data is empty; pass auto, synthetic or a PATH")
         if not self.out:
             raise UserError("--out is empty; name the run directory, e.g. runs/NAME")
+        self._check_qat()
         if self.device == "cuda":
             import torch
 
@@ -103,6 +106,20 @@ class TrainConfig:
 
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
+
+    def _check_qat(self) -> None:
+        if self.qat_from is None:
+            if self.freeze_bn_epoch is not None:
+                raise UserError("--freeze-bn-epoch applies to quantisation-aware training; add --qat-from RUN")
+            return
+        if self.norm not in ("bn", "syncbn"):
+            raise UserError(f"--qat-from folds BN into the convs, so it needs --norm bn or syncbn, not {self.norm}")
+        if self.precision != "fp32":  # fake quantisation rounds float32 values to the INT8 grid
+            raise UserError(f"--qat-from simulates INT8 in float32, not --precision {self.precision}; pass fp32")
+        if self.eval_bn == "precise":  # its forward passes would move the activation quantisers' ranges too
+            raise UserError("--eval-bn precise does not apply to QAT runs; use local, reduce or broadcast")
+        if self.freeze_bn_epoch is not None and not 0 <= self.freeze_bn_epoch <= self.epochs:
+            raise UserError(f"--freeze-bn-epoch must lie in 0..--epochs ({self.epochs}), got {self.freeze_bn_epoch}")
 
     def _check_optimizer(self) -> None:
         check_positive("--lr", self.lr)

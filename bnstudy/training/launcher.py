@@ -118,6 +118,18 @@ def build_parser() -> ArgumentParser:
         "device runs it natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX), else fp32; fp16 (CUDA only) adds "
         f"a gradient scaler (default: {d.precision})",
     )
+    p.add_argument(
+        "--qat-from",
+        metavar="RUN",
+        help="quantisation-aware fine-tuning of RUN's trained model (a run directory or checkpoint): INT8 weights "
+        "and activations simulated, BN folded into the convs; --model and --width are RUN's",
+    )
+    p.add_argument(
+        "--freeze-bn-epoch",
+        type=int,
+        help="QAT: from this epoch on (0 = from the start) BN's running statistics stop updating and training "
+        "normalises with them, as the INT8 model does (default: never)",
+    )
     return p
 
 
@@ -126,6 +138,8 @@ def plan_run(given: dict[str, Any], world_size: int) -> tuple[TrainConfig, dict 
     before any process group, model or file exists (so every rank reaches the same verdict on its own)."""
     if not given.get("resume"):
         config = replace(DEFAULTS, **given)
+        if config.qat_from is not None:
+            config = _with_source_model(config, given)
         _validate(config, world_size)
         from bnstudy.training.run_directory import check_new_run
 
@@ -151,6 +165,27 @@ def plan_run(given: dict[str, Any], world_size: int) -> tuple[TrainConfig, dict 
             f"(pass more than {checkpoint['epoch']} to train it further)"
         )
     return config, checkpoint
+
+
+def _with_source_model(config: TrainConfig, given: dict[str, Any]) -> TrainConfig:
+    """A QAT run's config with the model and width of the run it fine-tunes, which must have BN to fold."""
+    from bnstudy.training.checkpoint import load_checkpoint
+
+    try:
+        source = load_checkpoint(config.qat_from)["config"]
+    except UserError as exc:
+        raise UserError(f"--qat-from {exc}") from None
+    for name in ("model", "width"):
+        if name in given and given[name] != source.get(name):
+            raise UserError(
+                f"--qat-from {config.qat_from} trained --{name} {source.get(name)}, not {given[name]}; drop --{name}"
+            )
+    if source.get("norm") not in ("bn", "syncbn"):
+        raise UserError(
+            f"--qat-from {config.qat_from} was trained with --norm {source.get('norm')}: it has no BN to fold; "
+            "fine-tune a run trained with bn or syncbn"
+        )
+    return replace(config, model=source["model"], width=source.get("width"))
 
 
 def _validate(config: TrainConfig, world_size: int) -> None:

@@ -27,11 +27,12 @@ from bnstudy.data import to_model_input
 from bnstudy.distributed.bn_statistics import bn_layers, bn_statistics_report, sync_bn_buffers
 from bnstudy.distributed.collectives import select_transport, world_group_for_syncbn
 from bnstudy.distributed.process_group import DistEnv, all_reduce_sum, main_print
+from bnstudy.edge.qat import freeze_bn_statistics, prepare_qat
 from bnstudy.errors import UserError, first_line
 from bnstudy.models import create_model
 from bnstudy.precision import Precision, resolve_precision
 from bnstudy.traces.record import BACKWARD, DATA_LOADING, FORWARD, OPTIMIZER_STEP, training_profiler
-from bnstudy.training.checkpoint import save_checkpoint
+from bnstudy.training.checkpoint import load_checkpoint, save_checkpoint
 from bnstudy.training.config import TrainConfig
 from bnstudy.training.run_data import RunData, augment, check_run_fits, load_run_data
 from bnstudy.training.run_directory import CHECKPOINT, RunWriter, read_summary, removed_unless_checkpointed
@@ -40,7 +41,7 @@ from bnstudy.training.run_directory import CHECKPOINT, RunWriter, read_summary, 
 class Trainer:
     """One rank's view of a run. Every rank runs the same number of steps: sync BN and DDP issue collectives."""
 
-    def __init__(self, config: TrainConfig, env: DistEnv) -> None:
+    def __init__(self, config: TrainConfig, env: DistEnv, resuming: bool = False) -> None:
         config.validate(env.world_size)
         self.config, self.env = config, env
         self.out = Path(config.out)
@@ -50,6 +51,8 @@ class Trainer:
         model = create_model(
             config.model, config.norm, num_classes=len(self.data.train.classes), **config.model_kwargs()
         )
+        if config.qat_from is not None:
+            model = qat_model(model, config.qat_from, load_weights=not resuming)
         self.precision = resolve_precision(config.precision, env.device)
         self.grad_scaler = self.precision.grad_scaler()
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -105,6 +108,8 @@ class Trainer:
     # -- one epoch ----------------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int, profiler) -> dict:
         self.ddp.train()
+        if self.config.freeze_bn_epoch is not None and epoch >= self.config.freeze_bn_epoch:
+            freeze_bn_statistics(self.model)
         totals = torch.zeros(3, dtype=torch.float64)
         start = time.perf_counter()
         bar = tqdm(
@@ -252,6 +257,17 @@ class Trainer:
         self.best_acc = state.get("best_acc", 0.0)
 
 
+def qat_model(model: nn.Module, source: str, load_weights: bool) -> nn.Module:
+    """``model`` in QAT form (:func:`bnstudy.edge.qat.prepare_qat`), with the trained weights of run ``source``
+    unless a checkpoint of the QAT run itself is restored into it afterwards."""
+    if load_weights:
+        try:
+            model.load_state_dict(load_checkpoint(source)["model"])
+        except RuntimeError as exc:
+            raise UserError(f"--qat-from {source}: weights do not match the model ({first_line(exc)})") from None
+    return prepare_qat(model)
+
+
 def checkpoint_config(config: TrainConfig, data: RunData, world_size: int) -> dict:
     """The plain-data description a checkpoint carries, enough to rebuild and deploy the model."""
     d = data.train
@@ -297,7 +313,7 @@ def environment_info(env: DistEnv, transport: str | None, precision: Precision) 
 def train(config: TrainConfig, env: DistEnv, resume_from: dict | None = None) -> dict:
     """Run a new run, or continue the checkpoint ``resume_from``; returns the summary. Rank 0 writes the run
     directory, from the end of the first epoch on; a run that fails before its first checkpoint leaves none."""
-    trainer = Trainer(config, env)
+    trainer = Trainer(config, env, resuming=resume_from is not None)
     if resume_from is not None:
         trainer.restore(resume_from)
     out = trainer.out
@@ -335,8 +351,9 @@ def _train_epochs(trainer: Trainer, writer: RunWriter | None) -> dict:
         if epoch == trainer.start_epoch:
             profiler.stop()  # the profiled steps are in the first epoch
         # in float32 whatever the training precision: an exact observation of the ranks' statistics, and PreciseBN's
-        # recount at full precision
-        bn_records = bn_statistics_report(trainer.model, trainer.probe_batch())
+        # recount at full precision. The report's probe forward pass in training mode would move a QAT model's
+        # activation quantiser ranges, so QAT runs have none.
+        bn_records = [] if config.qat_from else bn_statistics_report(trainer.model, trainer.probe_batch())
         sync_bn_buffers(trainer.model, config.eval_bn, trainer.precise_batches)
         metrics.update(trainer.evaluate())
         trainer.best_acc = max(trainer.best_acc, metrics["test_acc"])
