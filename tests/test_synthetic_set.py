@@ -44,15 +44,17 @@ def test_synthetic_set_is_below_saturation_on_a_short_run(tmp_path):
 
 # The ordering at 2 images per process, in a real 2-process gloo group running the launcher's training loop (DDP with
 # per-rank BN buffers, the CPU SyncBN, GN). One group trains every (seed, norm) point in turn, so the test pays for
-# process start-up once. Measured (test accuracy, seeds 0/1): BN 19.6/22.0, SyncBN 20.3/39.7, GN 24.5/44.1; about
-# 6 minutes on 2 idle cores, most of it SyncBN's per-layer all-reduces at 2000 steps. Seed 0 alone separates BN from
-# SyncBN by less than a point, so the order is asserted on the mean over seeds, with a margin.
+# process start-up once. Measured at lr 0.006 (the sweep's linear scaling gives 0.003), test accuracy for seeds 0/1/2:
+# BN 21.1/18.0/20.0, SyncBN 26.9/56.1/49.3, GN 51.0/60.5/55.3; about 7 minutes on 2 idle cores. BN and GN are stable
+# across seeds and numerics; SyncBN is bimodal at this length (a run either takes off or stays near BN: seed 0 gave
+# 17.8% with the statistics computed through another kernel), so the order is asserted on the mean over three seeds,
+# and per seed only for GN.
 ORDER_NORMS = ("bn", "syncbn", "gn")
-ORDER_SEEDS = (0, 1)
+ORDER_SEEDS = (0, 1, 2)
 ORDER_MARGIN = 0.04
 ORDER_RUN = {
     "data": "synthetic", "synthetic_size": 8000, "test_subset": 1000, "width": 8, "batch_size": 2, "epochs": 1,
-    "lr": 0.025,
+    "lr": 0.006,
 }  # fmt: skip
 
 
