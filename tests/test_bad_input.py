@@ -204,6 +204,9 @@ STUDY = [
     ("mnist --quick --data nowhere", "", "nowhere: not found"),
     ("no-such-study", "", "invalid choice: 'no-such-study'"),
     ("modes --quick --out file", "file", "file is a file, not a directory"),
+    ("manual-bn --precision bf16", "", "study manual-bn trains nothing; drop --precision"),
+    ("modes --precision fp16", "", "--precision fp16 needs a CUDA device"),
+    ("modes --precision half", "", "unknown --precision 'half'"),
 ]
 COMPARE = [
     ("dir", "dir", "dir: not a run directory (no config.json)"),

@@ -173,3 +173,13 @@ def test_bad_arguments_give_one_line_errors(argv, message, capsys, tmp_path):
 def test_unknown_study_is_rejected_by_the_parser(capsys):
     assert main(["study", "no-such-study"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_training_studies_take_a_precision_and_record_it():
+    """bf16 autocast changes the arithmetic of a training study (so its losses), and the result says which ran."""
+    runs = {p: run_study("batch-size", seeds=[0], quick=True, precision=p) for p in ("fp32", "bf16")}
+    assert runs["bf16"].config["precision"] == "bf16" and runs["fp32"].config["precision"] == "fp32"
+    losses = {p: r.summary["final_train_loss"]["8"]["mean"] for p, r in runs.items()}
+    assert losses["fp32"] != losses["bf16"] and abs(losses["fp32"] - losses["bf16"]) < 0.1, losses
+    manual = run_study("manual-bn", seeds=[0], quick=True, precision="bf16")  # trains nothing: precision not taken
+    assert "precision" not in manual.config

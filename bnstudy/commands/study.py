@@ -32,6 +32,10 @@ def register(registry) -> None:
         help="for mnist / cnn-channels: a directory with train.npz and test.npz or a torchvision root, or "
         "'synthetic' (default: real data when found, else synthetic)",
     )
+    p.add_argument(
+        "--precision",
+        help="training precision of the studies that train: auto, fp32, bf16 (CPU autocast) (default: fp32)",
+    )
     p.set_defaults(func=run)
 
 
@@ -39,6 +43,12 @@ def run(args: argparse.Namespace) -> int:
     from bnstudy.studies import run_study, save_study
 
     check_at_least("--seeds", args.seeds, 1)
+    if args.precision is not None:
+        from bnstudy.precision import check_precision
+
+        check_precision(args.precision, "cpu")
+        if args.name != "all" and not STUDIES[args.name].trains:
+            raise UserError(f"study {args.name} trains nothing; drop --precision")
     names = list(STUDIES) if args.name == "all" else [args.name]
     check_writable(args.out / names[0] / "result.json")
     if args.data is not None:
@@ -52,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
     failed = []
     for name in names:
         start = time.perf_counter()
-        result = run_study(name, seeds=range(args.seeds), quick=True if args.quick else None, data=args.data)
+        result = run_study(
+            name, seeds=range(args.seeds), quick=True if args.quick else None, data=args.data, precision=args.precision
+        )
         save_study(result, args.out)
         failed += [f"{name}: {check}" for check in result.failed_checks()]
         print(result.report())

@@ -2,7 +2,7 @@
 :class:`~bnstudy.studies.result.StudyResult`; :mod:`bnstudy.studies.figures` draws its figures.
 
 This module imports no study (nor torch), so ``bnstudy --help`` can list the studies cheaply. Studies may import
-the shared building blocks (data, models, norms, reference, io); never training, edge, traces, benchmarks or
+the shared building blocks (data, models, norms, precision, reference, io); never training, edge, traces, benchmarks or
 commands. Their figures (figures) and fitting helpers (fitting) live here too.
 """
 
@@ -23,12 +23,18 @@ class StudyInfo:
     module: str
     help: str
     dataset: str | None = None
+    trains: bool = True  # whether it trains models (and so takes a precision)
 
 
 STUDIES = {
     info.name: info
     for info in (
-        StudyInfo("manual-bn", "manual_bn", "BN from scratch against nn.BatchNorm1d; the blog's example recomputed"),
+        StudyInfo(
+            "manual-bn",
+            "manual_bn",
+            "BN from scratch against nn.BatchNorm1d; the blog's example recomputed",
+            trains=False,
+        ),
         StudyInfo("modes", "modes", "train vs eval mode: repeated predictions of the same rows"),
         StudyInfo("batch-size", "batch_size", "the plain MLP at batch sizes 8, 32, 128, 512"),
         StudyInfo("bn-vs-nobn", "bn_vs_nobn", "the deep MLP with and without BN, at batch 8 and across batch sizes"),
@@ -44,13 +50,16 @@ def run_study(
     seeds: Sequence[int] = DEFAULT_SEEDS,
     quick: bool | None = None,
     data: str | os.PathLike | None = None,
+    precision: str | None = None,
 ) -> StudyResult:
-    """Run study ``name`` over ``seeds``; ``data`` goes to the studies that load images."""
+    """Run study ``name`` over ``seeds``; ``data`` goes to the studies that load images, ``precision`` (the training
+    precision, :mod:`bnstudy.precision`) to those that train."""
     info = STUDIES[name]
     module = importlib.import_module(f"bnstudy.studies.{info.module}")
-    if info.dataset is None:
-        return module.run(seeds, quick)
-    return module.run(seeds, quick, data=data)
+    overrides = {"precision": precision} if precision is not None and info.trains else {}
+    if info.dataset is not None:
+        overrides["data"] = data
+    return module.run(seeds, quick, **overrides)
 
 
 def save_study(result: StudyResult, out: str | os.PathLike) -> list[Path]:

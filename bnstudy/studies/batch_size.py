@@ -19,6 +19,7 @@ class Params:
     epochs: int = 30
     batch_sizes: tuple[int, ...] = (8, 32, 128, 512)
     lr: float = 1e-3
+    precision: str = "fp32"
 
 
 QUICK = {"epochs": 2}
@@ -32,7 +33,14 @@ def run(seeds: Sequence[int] = DEFAULT_SEEDS, quick: bool | None = None, **overr
     with torch_threads(1):
         for bs in p.batch_sizes:
             histories = train_seeds(
-                lambda: small_mlp("none"), data, seeds, epochs=p.epochs, batch_size=bs, lr=p.lr, desc=f"{NAME} {bs}"
+                lambda: small_mlp("none"),
+                data,
+                seeds,
+                epochs=p.epochs,
+                batch_size=bs,
+                lr=p.lr,
+                desc=f"{NAME} {bs}",
+                precision=p.precision,
             )
             runs[str(bs)] = history_summary(histories)
     final = {bs: r["train_loss"]["final"] for bs, r in runs.items()}

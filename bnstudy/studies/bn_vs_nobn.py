@@ -23,18 +23,28 @@ class Params:
     grid_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)
     grid_epochs: int = 30
     lr: float = 1e-3
+    precision: str = "fp32"
 
 
 QUICK = {"epochs": 2, "grid_epochs": 1}
 
 
-def compare(data: TabularSplit, seeds: Sequence[int], batch_size: int, epochs: int, lr: float) -> dict:
+def compare(
+    data: TabularSplit, seeds: Sequence[int], batch_size: int, epochs: int, lr: float, precision: str = "fp32"
+) -> dict:
     """Both variants at one batch size: their histories, and BN's loss over no-BN's per seed, at the end
     (``final``) and summed over all epochs (``mean``: below 1 means BN got there faster). Ratios are given for
     the loss logged during training (train mode) and for the whole training set in eval mode."""
     histories = {
         norm: train_seeds(
-            partial(deep_mlp, norm), data, seeds, epochs=epochs, batch_size=batch_size, lr=lr, desc=f"{NAME} {norm}"
+            partial(deep_mlp, norm),
+            data,
+            seeds,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            desc=f"{NAME} {norm}",
+            precision=precision,
         )
         for norm in NORMS
     }
@@ -59,8 +69,8 @@ def run(seeds: Sequence[int] = DEFAULT_SEEDS, quick: bool | None = None, **overr
     p = choose_params(Params(), QUICK, quick, overrides)
     data = toy_classification()
     with torch_threads(1):
-        main = compare(data, seeds, p.batch_size, p.epochs, p.lr)
-        grid = {str(bs): compare(data, seeds, bs, p.grid_epochs, p.lr) for bs in p.grid_batch_sizes}
+        main = compare(data, seeds, p.batch_size, p.epochs, p.lr, p.precision)
+        grid = {str(bs): compare(data, seeds, bs, p.grid_epochs, p.lr, p.precision) for bs in p.grid_batch_sizes}
 
     def outcome(c: dict) -> dict:
         return {

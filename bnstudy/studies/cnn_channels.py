@@ -31,6 +31,7 @@ class Params:
     test_size: int | None = None
     width: int = 32
     tolerance: float = 1e-6
+    precision: str = "fp32"
 
 
 QUICK = {"epochs": 1, "train_size": 256, "test_size": 256, "width": 8}
@@ -113,6 +114,7 @@ def run(
                 batch_size=p.batch_size,
                 lr=p.lr,
                 desc=f"{NAME} {norm}",
+                precision=p.precision,
             )
             for norm in NORMS
         }

@@ -6,7 +6,7 @@ Float targets mean binary classification with one logit (BCE); integer targets m
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from bnstudy.data import TabularSplit
+from bnstudy.precision import Precision, resolve_precision
 
 
 @contextmanager
@@ -38,13 +39,16 @@ def loss_and_correct(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 2048) -> tuple[float, float]:
-    """Loss and accuracy in eval mode (BN uses its running statistics)."""
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 2048, precision: Precision | None = None
+) -> tuple[float, float]:
+    """Loss and accuracy in eval mode (BN uses its running statistics), under ``precision``'s autocast."""
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0.0
     for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-        loss, right = loss_and_correct(model(xb), yb)
+        with precision.autocast() if precision else nullcontext():
+            loss, right = loss_and_correct(model(xb).float(), yb)
         loss_sum += loss.item() * len(yb)
         correct += right.item()
     model.train(was_training)
@@ -67,11 +71,14 @@ def fit(
     seed: int,
     on_epoch_end: Callable[[int], None] | None = None,
     desc: str = "train",
+    precision: str = "fp32",
 ) -> dict[str, list[float]]:
     """Train with Adam and return per-epoch ``train_loss``/``train_acc`` (averaged over the epoch's minibatches,
     in train mode, as the seed notebooks logged them), ``train_eval_loss``/``train_eval_acc`` (the whole
     training set in eval mode after the epoch: what the model has learnt, without batch-statistics noise) and
-    ``test_loss``/``test_acc`` (eval mode, after the epoch)."""
+    ``test_loss``/``test_acc`` (eval mode, after the epoch). Forward passes run under ``precision``'s autocast
+    (:mod:`bnstudy.precision`; the CPU's)."""
+    chosen = resolve_precision(precision, torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     history: dict[str, list[float]] = {
@@ -81,7 +88,8 @@ def fit(
         model.train()
         loss_sum, correct, seen = 0.0, 0.0, 0
         for idx in shuffled_batches(len(data.y_train), batch_size, generator):
-            loss, right = loss_and_correct(model(data.x_train[idx]), data.y_train[idx])
+            with chosen.autocast():
+                loss, right = loss_and_correct(model(data.x_train[idx]).float(), data.y_train[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -91,7 +99,7 @@ def fit(
         history["train_loss"].append(loss_sum / seen)
         history["train_acc"].append(correct / seen)
         for split, x, y in (("train_eval", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
-            loss, acc = evaluate(model, x, y)
+            loss, acc = evaluate(model, x, y, precision=chosen)
             history[f"{split}_loss"].append(loss)
             history[f"{split}_acc"].append(acc)
         if on_epoch_end is not None:
@@ -114,9 +122,19 @@ def train_seeds(
     batch_size: int,
     lr: float,
     desc: str = "train",
+    precision: str = "fp32",
 ) -> list[dict[str, list[float]]]:
     """One :func:`fit` history per seed; the seed fixes initial weights and shuffling."""
     return [
-        fit(seeded_model(build, s), data, epochs=epochs, batch_size=batch_size, lr=lr, seed=s, desc=f"{desc} seed {s}")
+        fit(
+            seeded_model(build, s),
+            data,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=s,
+            desc=f"{desc} seed {s}",
+            precision=precision,
+        )  # fmt: skip
         for s in seeds
     ]

@@ -26,6 +26,7 @@ class Params:
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
+    precision: str = "fp32"
 
 
 QUICK = {"epochs": 2}
@@ -96,6 +97,7 @@ def one_seed(norm: str, data: TabularSplit, seed: int, p: Params) -> dict:
         seed=seed,
         on_epoch_end=lambda _: per_epoch.append(recorder.take()),
         desc=f"{NAME} {norm}",
+        precision=p.precision,
     )
     recorder.remove()
     return {

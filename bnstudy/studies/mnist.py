@@ -25,6 +25,7 @@ class Params:
     lr: float = 0.01
     train_size: int | None = None
     test_size: int | None = None
+    precision: str = "fp32"
 
 
 QUICK = {"epochs": 1, "train_size": 1000, "test_size": 500}
@@ -44,7 +45,14 @@ def run(
     with torch_threads(1):
         histories = {
             norm: train_seeds(
-                partial(mnist_mlp, norm), split, seeds, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, desc=norm
+                partial(mnist_mlp, norm),
+                split,
+                seeds,
+                epochs=p.epochs,
+                batch_size=p.batch_size,
+                lr=p.lr,
+                desc=norm,
+                precision=p.precision,
             )
             for norm in NORMS
         }

@@ -29,6 +29,7 @@ class Params:
     rows: int = 10
     repeats: int = 5
     companions: int = 22
+    precision: str = "fp32"
 
 
 QUICK = {"epochs": 2}
@@ -95,7 +96,10 @@ def run(seeds: Sequence[int] = DEFAULT_SEEDS, quick: bool | None = None, **overr
     with torch_threads(1):
         for seed in seeds:
             model = seeded_model(lambda: small_mlp("bn"), seed)
-            history = fit(model, data, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, seed=seed, desc=NAME)
+            history = fit(
+                model, data, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, seed=seed, desc=NAME,
+                precision=p.precision,
+            )  # fmt: skip
             per_seed.append({"seed": seed, "test_acc": history["test_acc"][-1], **compare_modes(model, data, p, seed)})
 
     def across(key: str) -> dict:
