@@ -4,7 +4,9 @@ frozen statistics, SyncBN under DDP, and onnxruntime INT8 against the torch fake
 from __future__ import annotations
 
 import copy
+import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from bnstudy.commands import main as cli
 from bnstudy.data import CIFAR10_MEAN, CIFAR10_STD, to_model_input
 from bnstudy.distributed.process_group import spawn_gloo
 from bnstudy.edge.fold import fold_layer_bn, randomize_batchnorm
@@ -31,6 +34,8 @@ from bnstudy.errors import UserError
 from bnstudy.models import CifarResNet, seed_cnn
 from bnstudy.training.checkpoint import load_checkpoint, save_checkpoint
 from bnstudy.training.launcher import main
+from bnstudy.training.run_data import run_test_images
+from deploy import bench, infer
 from deploy.edge import load_model, run_batched
 
 
@@ -264,12 +269,21 @@ def test_deploy_runs_the_export_unchanged(exported):
 RUN = ["--data", "synthetic", "--synthetic-size", "512", "--batch-size", "32", "--test-subset", "200"]
 
 
-def test_qat_from_a_run_fine_tunes_it_freezes_bn_and_exports(tmp_path):
-    source, qat, frozen_from_start = tmp_path / "fp32", tmp_path / "qat", tmp_path / "qat-frozen"
+@pytest.fixture(scope="module")
+def qat_runs(tmp_path_factory):
+    """A seed-cnn run on the synthetic set, QAT-fine-tuned from it with BN learning and with BN frozen from the
+    start, all through the launcher."""
+    base = tmp_path_factory.mktemp("qat-runs")
+    source, qat, frozen_from_start = base / "fp32", base / "qat", base / "qat-frozen"
     assert main([*RUN, "--model", "seed-cnn", "--width", "4", "--epochs", "1", "--out", str(source)]) == 0
     common = [*RUN, "--qat-from", str(source), "--epochs", "1", "--lr", "0.05"]
     assert main([*common, "--out", str(qat)]) == 0
     assert main([*common, "--freeze-bn-epoch", "0", "--out", str(frozen_from_start)]) == 0
+    return source, qat, frozen_from_start
+
+
+def test_qat_from_a_run_fine_tunes_it_freezes_bn_and_exports(qat_runs, tmp_path):
+    source, qat, frozen_from_start = qat_runs
     trained, learning, frozen = (load_checkpoint(run)["model"] for run in (source, qat, frozen_from_start))
     assert not torch.equal(learning["model.0.0.bn.running_var"], trained["0.1.running_var"])
     torch.testing.assert_close(frozen["model.0.0.bn.running_var"], trained["0.1.running_var"], rtol=0, atol=0)
@@ -281,6 +295,52 @@ def test_qat_from_a_run_fine_tunes_it_freezes_bn_and_exports(tmp_path):
     pixels, _ = colour_images(200, seed=3)
     parity = qat_parity(path, model, to_model_input(pixels, CIFAR10_MEAN, CIFAR10_STD))
     assert parity.top1_agreement >= 0.99 and parity.max_logit_error <= parity.logit_error_bound
+
+
+def test_bnstudy_export_of_a_qat_run_writes_int8_checks_parity_and_deploy_runs_it(qat_runs, tmp_path, capsys):
+    source, qat, _ = qat_runs
+    out, report = tmp_path / "qat.int8.onnx", tmp_path / "qat.json"
+    assert cli(["export", str(qat), "--out", str(out), "--report", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 QLinearConv, 0 float Conv" in printed and "ok" in printed
+    verify = json.loads(report.read_text())["verify"]
+    assert verify["passed"] and verify["images"] == 200  # the run's own synthetic test set (--test-subset 200)
+    assert verify["top1_agreement"] >= 0.995 and verify["max_logit_error"] <= verify["logit_error_bound"]
+    assert verify["runtime_ops"]["QLinearConv"] == 2 and "Conv" not in verify["runtime_ops"]
+
+    test, _ = run_test_images(load_checkpoint(qat)["config"])
+    np.savez(tmp_path / "test.npz", x=test.x.numpy(), y=test.y.numpy())
+    assert infer.main([str(out), str(tmp_path / "test.npz"), "--out", str(tmp_path / "preds.json")]) == 0
+    predictions = json.loads((tmp_path / "preds.json").read_text())["predictions"]
+    model, config = qat_model_from_checkpoint(qat)
+    with torch.no_grad():
+        expected = model(to_model_input(test.x, tuple(config["mean"]), tuple(config["std"]))).argmax(1)
+    agreement = np.mean([row["class"] == int(e) for row, e in zip(predictions, expected)])
+    assert agreement >= 0.995
+
+    fp32 = tmp_path / "fp32.onnx"
+    assert cli(["export", str(source), "--out", str(fp32)]) == 0
+    bench_out = tmp_path / "bench.json"
+    assert bench.main([str(fp32), "--int8", str(out), "--quick", "--threads", "1", "--out", str(bench_out)]) == 0
+    rows = {(row["variant"], row["batch"]) for row in json.loads(bench_out.read_text())["rows"]}
+    assert {("ort int8", 1), ("ort int8", 64)} <= rows
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--no-fold-bn"], "drop --no-fold-bn"),
+        (["--keep-bn"], "drop --keep-bn"),
+        (["--opset", "18"], "drop --opset"),
+        (["--input-shape", "3", "16", "16"], "drop --input-shape"),
+    ],
+)
+def test_bnstudy_export_of_a_qat_run_refuses_options_without_meaning(qat_runs, tmp_path, capsys, option, message):
+    out = tmp_path / "qat.onnx"
+    assert cli(["export", str(qat_runs[1]), "--out", str(out), *option]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("bnstudy: error: ") and "is a QAT run" in error and message in error and "\n" not in error
+    assert not out.exists()
 
 
 def test_qat_from_refuses_a_path_that_is_not_a_run_and_a_run_without_bn(tmp_path, capsys):
