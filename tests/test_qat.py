@@ -28,7 +28,9 @@ from bnstudy.edge.qat_math import (
     batch_corrected_output,
     fake_quantize_activation,
     fake_quantize_weight,
+    fold_rounding_agreement,
     symmetric_weight_scale,
+    weight_levels,
 )
 from bnstudy.errors import UserError
 from bnstudy.models import CifarResNet, seed_cnn
@@ -112,6 +114,38 @@ def test_training_mode_with_rounding_is_the_batch_correction():
     batch_var, batch_mean = torch.var_mean(rounded / scale.view(1, -1, 1, 1), dim=(0, 2, 3), unbiased=False)
     expected = batch_corrected_output(rounded, running_var, batch_mean, batch_var, bn.weight, bn.bias, bn.eps)
     torch.testing.assert_close(folded(x), expected, rtol=0, atol=1e-12)
+
+
+def test_training_without_the_fold_rounds_the_conv_weights_then_runs_bn_and_ships_folded():
+    conv, bn = conv_bn()
+    x = torch.randn(8, 3, 8, 8, dtype=torch.float64) * 2 + 0.5
+    unfolded = FoldedConvBn(copy.deepcopy(conv), copy.deepcopy(bn), simulate_fold=False).train()
+    rounded = fake_quantize_weight(conv.weight, symmetric_weight_scale(conv.weight, *WEIGHT_RANGE), *WEIGHT_RANGE)
+    expected = bn.train()(F.conv2d(x, rounded, padding=1))
+    torch.testing.assert_close(unfolded(x), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(unfolded.bn.running_var, bn.running_var, rtol=0, atol=1e-12)
+    folded = FoldedConvBn(copy.deepcopy(conv), copy.deepcopy(unfolded.bn)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(unfolded.eval()(x), folded(x), rtol=0, atol=0)  # what ships is the same
+
+
+def test_per_channel_rounding_commutes_with_the_fold_scale():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 8, 3, 3, generator=gen, dtype=torch.float64)
+    scale = (torch.rand(16, generator=gen, dtype=torch.float64) * 3 + 0.01) * torch.where(
+        torch.arange(16) % 3 == 0, -1, 1
+    )
+    assert fold_rounding_agreement(weight, scale, *WEIGHT_RANGE) == 1.0
+    levels = weight_levels(weight * scale.view(-1, 1, 1, 1), *WEIGHT_RANGE)
+    assert levels.abs().flatten(1).amax(1).tolist() == [63.0] * 16
+    folded = weight * scale.view(-1, 1, 1, 1)
+
+    def per_tensor(w: torch.Tensor) -> torch.Tensor:  # one scale for the whole tensor
+        step = w.abs().max() / 63
+        return torch.round(w / step) * step
+
+    off_grid = (per_tensor(weight) * scale.view(-1, 1, 1, 1) - per_tensor(folded)).abs() > 1e-9
+    assert off_grid.double().mean() > 0.5  # with one scale per tensor, rounding would not commute with the fold
 
 
 def test_frozen_statistics_stop_changing():

@@ -29,7 +29,7 @@ def register(registry) -> None:
     )
     p.add_argument(
         "--data",
-        help="for mnist / cnn-channels: a directory with train.npz and test.npz or a torchvision root, or "
+        help="for mnist / cnn-channels / qat-fold: a directory with train.npz and test.npz or a torchvision root, or "
         "'synthetic' (default: real data when found, else synthetic)",
     )
     p.set_defaults(func=run)
@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None:
         if args.name == "all" and args.data != "synthetic":
             raise UserError(
-                "--data names one dataset; use it with `study mnist` or `study cnn-channels`, or pass "
-                "--data synthetic with `study all`"
+                "--data names one dataset; use it with `study mnist`, `study cnn-channels` or `study qat-fold`, "
+                "or pass --data synthetic with `study all`"
             )
         if args.name != "all" and STUDIES[args.name].dataset is None:
             raise UserError(f"study {args.name} uses no image data; drop --data")

@@ -2,8 +2,10 @@
 :class:`~bnstudy.studies.result.StudyResult`; :mod:`bnstudy.studies.figures` draws its figures.
 
 This module imports no study (nor torch), so ``bnstudy --help`` can list the studies cheaply. Studies may import
-the shared building blocks (data, models, norms, reference, io); never training, edge, traces, benchmarks or
-commands. Their figures (figures) and fitting helpers (fitting) live here too.
+the shared building blocks (data, models, norms, reference, io), distributed, and edge: qat-fold studies the INT8
+models edge builds and ships (the QAT modules, the ONNX writers, deploy/'s quantiser and latency harness as edge
+loads them), so it uses those rather than copies. Never training, traces, benchmarks or commands. Their figures
+(figures) and fitting helpers (fitting) live here too.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ STUDIES = {
         StudyInfo("gradients", "gradients", "mean |grad| per layer with and without BN, at init and in training"),
         StudyInfo("mnist", "mnist", "the MNIST MLP with and without BN", dataset="mnist"),
         StudyInfo("cnn-channels", "cnn_channels", "BatchNorm2d per channel, conv bias, seed CNN", dataset="cifar10"),
+        StudyInfo("qat-fold", "qat_fold", "INT8 after training vs QAT, BN folded or not, frozen or not", "cifar10"),
     )
 }
 
