@@ -290,6 +290,16 @@ def test_resnet_export_runs_every_conv_in_int8_and_agrees(tmp_path):
     assert parity.top1_agreement >= 0.99 and parity.max_logit_error <= parity.logit_error_bound
 
 
+def test_export_refuses_a_bias_beyond_int32_and_writes_nothing(exported, tmp_path):
+    qat = copy.deepcopy(exported[0])
+    with torch.no_grad():
+        qat.model[1][0].bn.bias[0] = 1e9  # the second conv reads a quantised input: its bias is written as int32
+    with pytest.raises(UserError) as caught:
+        export_qat_onnx(qat.eval(), tmp_path / "model.onnx", (3, 32, 32))
+    assert "beyond int32" in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "model.onnx").exists()
+
+
 def test_deploy_runs_the_export_unchanged(exported):
     qat, path = exported
     pixels, _ = colour_images(64, seed=8)
