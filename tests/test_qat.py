@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bnstudy.commands import main as cli
-from bnstudy.data import CIFAR10_MEAN, CIFAR10_STD, to_model_input
+from bnstudy.data import CIFAR10_MEAN, CIFAR10_STD, find_real_data, to_model_input
 from bnstudy.distributed.process_group import spawn_gloo
 from bnstudy.edge.fold import fold_layer_bn, randomize_batchnorm
 from bnstudy.edge.onnx_export import count_nodes
@@ -368,6 +368,21 @@ def test_bnstudy_export_of_a_qat_run_writes_int8_checks_parity_and_deploy_runs_i
     assert bench.main([str(fp32), "--int8", str(out), "--quick", "--threads", "1", "--out", str(bench_out)]) == 0
     rows = {(row["variant"], row["batch"]) for row in json.loads(bench_out.read_text())["rows"]}
     assert {("ort int8", 1), ("ort int8", 64)} <= rows
+
+
+def test_a_run_is_checked_on_its_own_synthetic_test_images_when_its_real_data_is_not_here(tmp_path):
+    test, note = run_test_images({"synthetic": True, "seed": 3, "synthetic_size": 512, "test_subset": 100})
+    assert len(test) == 100 and note == "" and test.source == "synthetic-cifar10(seed=10003)"
+    test, note = run_test_images(
+        {"synthetic": False, "data": str(tmp_path / "nowhere"), "seed": 3, "synthetic_size": 512}
+    )
+    assert len(test) == 1000 and test.source == "synthetic-cifar10(seed=10003)" and "is not here" in note
+
+
+@pytest.mark.skipif(find_real_data("cifar10") is None, reason="real CIFAR-10 is not here")
+def test_a_real_data_run_is_checked_on_the_exact_test_images():
+    test, note = run_test_images({"synthetic": False, "data": "auto", "test_subset": 200})
+    assert len(test) == 1000 and test.source.endswith("test_lossless_first1000.npz") and note == ""
 
 
 @pytest.mark.parametrize(
