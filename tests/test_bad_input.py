@@ -204,7 +204,7 @@ STUDY = [
     ("mnist --quick --data nowhere", "", "nowhere: not found"),
     ("no-such-study", "", "invalid choice: 'no-such-study'"),
     ("modes --quick --out file", "file", "file is a file, not a directory"),
-    ("manual-bn --precision bf16", "", "study manual-bn trains nothing; drop --precision"),
+    ("manual-bn --precision bf16", "", "study manual-bn takes no --precision; drop it"),
     ("modes --precision fp16", "", "--precision fp16 needs a CUDA device"),
     ("modes --precision half", "", "unknown --precision 'half'"),
 ]

@@ -31,7 +31,7 @@ ALLOWED = {
     "bnstudy.edge": CORE | {"bnstudy.distributed", "bnstudy.edge"} | RUN_FORMATS,
     "bnstudy.traces": CORE | {"bnstudy.distributed", "bnstudy.traces", "bnstudy.training.run_directory"},
     "bnstudy.training": CORE | {"bnstudy.distributed", "bnstudy.traces.record", "bnstudy.training", "bnstudy.edge.qat"},
-    "bnstudy.studies": CORE | {"bnstudy.distributed", "bnstudy.studies"},
+    "bnstudy.studies": CORE | {"bnstudy.distributed", "bnstudy.edge", "bnstudy.studies"},
     "bnstudy.benchmarks": CORE
     | {"bnstudy.distributed", "bnstudy.edge", "bnstudy.traces", "bnstudy.training", "bnstudy.benchmarks"},
     "bnstudy.commands": {"*"},

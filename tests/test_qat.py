@@ -4,7 +4,9 @@ frozen statistics, SyncBN under DDP, and onnxruntime INT8 against the torch fake
 from __future__ import annotations
 
 import copy
+import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -12,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bnstudy.data import CIFAR10_MEAN, CIFAR10_STD, to_model_input
+from bnstudy.commands import main as cli
+from bnstudy.data import CIFAR10_MEAN, CIFAR10_STD, find_real_data, to_model_input
 from bnstudy.distributed.process_group import spawn_gloo
 from bnstudy.edge.fold import fold_layer_bn, randomize_batchnorm
 from bnstudy.edge.onnx_export import count_nodes
@@ -25,12 +28,16 @@ from bnstudy.edge.qat_math import (
     batch_corrected_output,
     fake_quantize_activation,
     fake_quantize_weight,
+    fold_rounding_agreement,
     symmetric_weight_scale,
+    weight_levels,
 )
 from bnstudy.errors import UserError
 from bnstudy.models import CifarResNet, seed_cnn
 from bnstudy.training.checkpoint import load_checkpoint, save_checkpoint
 from bnstudy.training.launcher import main
+from bnstudy.training.run_data import run_test_images
+from deploy import bench, infer
 from deploy.edge import load_model, run_batched
 
 
@@ -107,6 +114,38 @@ def test_training_mode_with_rounding_is_the_batch_correction():
     batch_var, batch_mean = torch.var_mean(rounded / scale.view(1, -1, 1, 1), dim=(0, 2, 3), unbiased=False)
     expected = batch_corrected_output(rounded, running_var, batch_mean, batch_var, bn.weight, bn.bias, bn.eps)
     torch.testing.assert_close(folded(x), expected, rtol=0, atol=1e-12)
+
+
+def test_training_without_the_fold_rounds_the_conv_weights_then_runs_bn_and_ships_folded():
+    conv, bn = conv_bn()
+    x = torch.randn(8, 3, 8, 8, dtype=torch.float64) * 2 + 0.5
+    unfolded = FoldedConvBn(copy.deepcopy(conv), copy.deepcopy(bn), simulate_fold=False).train()
+    rounded = fake_quantize_weight(conv.weight, symmetric_weight_scale(conv.weight, *WEIGHT_RANGE), *WEIGHT_RANGE)
+    expected = bn.train()(F.conv2d(x, rounded, padding=1))
+    torch.testing.assert_close(unfolded(x), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(unfolded.bn.running_var, bn.running_var, rtol=0, atol=1e-12)
+    folded = FoldedConvBn(copy.deepcopy(conv), copy.deepcopy(unfolded.bn)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(unfolded.eval()(x), folded(x), rtol=0, atol=0)  # what ships is the same
+
+
+def test_per_channel_rounding_commutes_with_the_fold_scale():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 8, 3, 3, generator=gen, dtype=torch.float64)
+    scale = (torch.rand(16, generator=gen, dtype=torch.float64) * 3 + 0.01) * torch.where(
+        torch.arange(16) % 3 == 0, -1, 1
+    )
+    assert fold_rounding_agreement(weight, scale, *WEIGHT_RANGE) == 1.0
+    levels = weight_levels(weight * scale.view(-1, 1, 1, 1), *WEIGHT_RANGE)
+    assert levels.abs().flatten(1).amax(1).tolist() == [63.0] * 16
+    folded = weight * scale.view(-1, 1, 1, 1)
+
+    def per_tensor(w: torch.Tensor) -> torch.Tensor:  # one scale for the whole tensor
+        step = w.abs().max() / 63
+        return torch.round(w / step) * step
+
+    off_grid = (per_tensor(weight) * scale.view(-1, 1, 1, 1) - per_tensor(folded)).abs() > 1e-9
+    assert off_grid.double().mean() > 0.5  # with one scale per tensor, rounding would not commute with the fold
 
 
 def test_frozen_statistics_stop_changing():
@@ -251,6 +290,16 @@ def test_resnet_export_runs_every_conv_in_int8_and_agrees(tmp_path):
     assert parity.top1_agreement >= 0.99 and parity.max_logit_error <= parity.logit_error_bound
 
 
+def test_export_refuses_a_bias_beyond_int32_and_writes_nothing(exported, tmp_path):
+    qat = copy.deepcopy(exported[0])
+    with torch.no_grad():
+        qat.model[1][0].bn.bias[0] = 1e9  # the second conv reads a quantised input: its bias is written as int32
+    with pytest.raises(UserError) as caught:
+        export_qat_onnx(qat.eval(), tmp_path / "model.onnx", (3, 32, 32))
+    assert "beyond int32" in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "model.onnx").exists()
+
+
 def test_deploy_runs_the_export_unchanged(exported):
     qat, path = exported
     pixels, _ = colour_images(64, seed=8)
@@ -264,12 +313,21 @@ def test_deploy_runs_the_export_unchanged(exported):
 RUN = ["--data", "synthetic", "--synthetic-size", "512", "--batch-size", "32", "--test-subset", "200"]
 
 
-def test_qat_from_a_run_fine_tunes_it_freezes_bn_and_exports(tmp_path):
-    source, qat, frozen_from_start = tmp_path / "fp32", tmp_path / "qat", tmp_path / "qat-frozen"
+@pytest.fixture(scope="module")
+def qat_runs(tmp_path_factory):
+    """A seed-cnn run on the synthetic set, QAT-fine-tuned from it with BN learning and with BN frozen from the
+    start, all through the launcher."""
+    base = tmp_path_factory.mktemp("qat-runs")
+    source, qat, frozen_from_start = base / "fp32", base / "qat", base / "qat-frozen"
     assert main([*RUN, "--model", "seed-cnn", "--width", "4", "--epochs", "1", "--out", str(source)]) == 0
     common = [*RUN, "--qat-from", str(source), "--epochs", "1", "--lr", "0.05"]
     assert main([*common, "--out", str(qat)]) == 0
     assert main([*common, "--freeze-bn-epoch", "0", "--out", str(frozen_from_start)]) == 0
+    return source, qat, frozen_from_start
+
+
+def test_qat_from_a_run_fine_tunes_it_freezes_bn_and_exports(qat_runs, tmp_path):
+    source, qat, frozen_from_start = qat_runs
     trained, learning, frozen = (load_checkpoint(run)["model"] for run in (source, qat, frozen_from_start))
     assert not torch.equal(learning["model.0.0.bn.running_var"], trained["0.1.running_var"])
     torch.testing.assert_close(frozen["model.0.0.bn.running_var"], trained["0.1.running_var"], rtol=0, atol=0)
@@ -281,6 +339,67 @@ def test_qat_from_a_run_fine_tunes_it_freezes_bn_and_exports(tmp_path):
     pixels, _ = colour_images(200, seed=3)
     parity = qat_parity(path, model, to_model_input(pixels, CIFAR10_MEAN, CIFAR10_STD))
     assert parity.top1_agreement >= 0.99 and parity.max_logit_error <= parity.logit_error_bound
+
+
+def test_bnstudy_export_of_a_qat_run_writes_int8_checks_parity_and_deploy_runs_it(qat_runs, tmp_path, capsys):
+    source, qat, _ = qat_runs
+    out, report = tmp_path / "qat.int8.onnx", tmp_path / "qat.json"
+    assert cli(["export", str(qat), "--out", str(out), "--report", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 QLinearConv, 0 float Conv" in printed and "ok" in printed
+    verify = json.loads(report.read_text())["verify"]
+    assert verify["passed"] and verify["images"] == 200  # the run's own synthetic test set (--test-subset 200)
+    assert verify["top1_agreement"] >= 0.995 and verify["max_logit_error"] <= verify["logit_error_bound"]
+    assert verify["runtime_ops"]["QLinearConv"] == 2 and "Conv" not in verify["runtime_ops"]
+
+    test, _ = run_test_images(load_checkpoint(qat)["config"])
+    np.savez(tmp_path / "test.npz", x=test.x.numpy(), y=test.y.numpy())
+    assert infer.main([str(out), str(tmp_path / "test.npz"), "--out", str(tmp_path / "preds.json")]) == 0
+    predictions = json.loads((tmp_path / "preds.json").read_text())["predictions"]
+    model, config = qat_model_from_checkpoint(qat)
+    with torch.no_grad():
+        expected = model(to_model_input(test.x, tuple(config["mean"]), tuple(config["std"]))).argmax(1)
+    agreement = np.mean([row["class"] == int(e) for row, e in zip(predictions, expected)])
+    assert agreement >= 0.995
+
+    fp32 = tmp_path / "fp32.onnx"
+    assert cli(["export", str(source), "--out", str(fp32)]) == 0
+    bench_out = tmp_path / "bench.json"
+    assert bench.main([str(fp32), "--int8", str(out), "--quick", "--threads", "1", "--out", str(bench_out)]) == 0
+    rows = {(row["variant"], row["batch"]) for row in json.loads(bench_out.read_text())["rows"]}
+    assert {("ort int8", 1), ("ort int8", 64)} <= rows
+
+
+def test_a_run_is_checked_on_its_own_synthetic_test_images_when_its_real_data_is_not_here(tmp_path):
+    test, note = run_test_images({"synthetic": True, "seed": 3, "synthetic_size": 512, "test_subset": 100})
+    assert len(test) == 100 and note == "" and test.source == "synthetic-cifar10(seed=10003)"
+    test, note = run_test_images(
+        {"synthetic": False, "data": str(tmp_path / "nowhere"), "seed": 3, "synthetic_size": 512}
+    )
+    assert len(test) == 1000 and test.source == "synthetic-cifar10(seed=10003)" and "is not here" in note
+
+
+@pytest.mark.skipif(find_real_data("cifar10") is None, reason="real CIFAR-10 is not here")
+def test_a_real_data_run_is_checked_on_the_exact_test_images():
+    test, note = run_test_images({"synthetic": False, "data": "auto", "test_subset": 200})
+    assert len(test) == 1000 and test.source.endswith("test_lossless_first1000.npz") and note == ""
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--no-fold-bn"], "drop --no-fold-bn"),
+        (["--keep-bn"], "drop --keep-bn"),
+        (["--opset", "18"], "drop --opset"),
+        (["--input-shape", "3", "16", "16"], "drop --input-shape"),
+    ],
+)
+def test_bnstudy_export_of_a_qat_run_refuses_options_without_meaning(qat_runs, tmp_path, capsys, option, message):
+    out = tmp_path / "qat.onnx"
+    assert cli(["export", str(qat_runs[1]), "--out", str(out), *option]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("bnstudy: error: ") and "is a QAT run" in error and message in error and "\n" not in error
+    assert not out.exists()
 
 
 def test_qat_from_refuses_a_path_that_is_not_a_run_and_a_run_without_bn(tmp_path, capsys):

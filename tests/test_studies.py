@@ -59,6 +59,23 @@ def test_manual_bn_result_holds_corrected_example(quick_all):
     assert result["summary"]["layer3_relu_out"][:3] == [[0.0] * 3] * 3
 
 
+def test_qat_fold_scores_every_variant_on_the_files_onnxruntime_runs(quick_all):
+    result = read(quick_all[1], "qat-fold")
+    variants = result["summary"]["variants"]
+    assert list(variants) == ["fp32", "fp32_tuned", "ptq", "qat_frozen", "qat_learning", "qat_unfolded"]
+    assert result["summary"]["test_samples"] == 256 and result["summary"]["data_source"].startswith("synthetic")
+    assert variants["fp32"]["agreement_with_fp32"]["mean"] == 1.0 and variants["fp32"]["max_logit_error"]["mean"] == 0
+    for name, row in variants.items():
+        assert row["images_per_s"]["mean"] > 0 and len(row["top1"]["values"]) == 2
+        assert (row["runtime_qlinearconv"]["mean"] == 7) == name.startswith(("ptq", "qat"))  # CifarResNet: 7 convs
+        if name != "fp32":
+            assert 0 < row["mean_logit_error"]["mean"] <= row["max_logit_error"]["mean"]
+    for seed in result["data"]["seeds"]:
+        assert seed["fold_rounding_agreement"] >= 0.999 and seed["training_forward_difference"] <= 1e-4
+        assert set(seed["parity"]) == {"qat_frozen", "qat_learning", "qat_unfolded"}
+    assert set(result["findings"]) >= {"qat_frozen_within_target_of_fp32_tuned", "qat_at_least_ptq"}
+
+
 def test_three_layer_example_propagates_relu_outputs():
     layers = three_layer_example(worked_input())
     assert [layer["gamma"] for layer in layers] == [1.0, 1.0, 0.8]
@@ -181,5 +198,5 @@ def test_training_studies_take_a_precision_and_record_it():
     assert runs["bf16"].config["precision"] == "bf16" and runs["fp32"].config["precision"] == "fp32"
     losses = {p: r.summary["final_train_loss"]["8"]["mean"] for p, r in runs.items()}
     assert losses["fp32"] != losses["bf16"] and abs(losses["fp32"] - losses["bf16"]) < 0.1, losses
-    manual = run_study("manual-bn", seeds=[0], quick=True, precision="bf16")  # trains nothing: precision not taken
+    manual = run_study("manual-bn", seeds=[0], quick=True, precision="bf16")  # trains nothing: takes no precision
     assert "precision" not in manual.config

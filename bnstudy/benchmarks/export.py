@@ -4,13 +4,11 @@ default level, measured in one run beside the machine's fp32 matmul rate."""
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import torch
@@ -18,9 +16,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from bnstudy.edge.deploy_scripts import deploy_module
 from bnstudy.edge.fold import fold_batchnorm, randomize_batchnorm
 from bnstudy.edge.onnx_export import export_onnx, ort_session
-from bnstudy.errors import UserError
 from bnstudy.models import CifarResNet
 
 INPUT_SHAPE = (3, 32, 32)
@@ -94,22 +92,10 @@ def _runners(model: nn.Module, folded: nn.Module, unfolded_path: Path, folded_pa
     }
 
 
-def _latency_harness() -> ModuleType:
-    """``deploy/latency.py``, the harness the device-side tools use (it cannot import bnstudy, so bnstudy loads it
-    from the source tree beside the package)."""
-    path = Path(__file__).resolve().parents[2] / "deploy" / "latency.py"
-    if not path.is_file():
-        raise UserError(f"{path} is missing; run `bnstudy bench export` from a bnstudy source checkout")
-    spec = importlib.util.spec_from_file_location("bnstudy_deploy_latency", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _measure(runners: dict, x: np.ndarray, rounds: int, per_round: int, progress: tqdm) -> dict[str, list[float]]:
     """Per-call seconds of every runner on ``x``, the variants interleaved (see ``deploy/latency.py``)."""
     calls = {name: partial(run, x) for name, run in runners.items()}
-    harness = _latency_harness()
+    harness = deploy_module("latency")
     return harness.measure_interleaved(calls, rounds=rounds, per_round=per_round, warmup=1, after_block=progress.update)
 
 

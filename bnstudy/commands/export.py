@@ -1,4 +1,5 @@
-"""``bnstudy export``: fold BN, export to ONNX, verify parity in onnxruntime."""
+"""``bnstudy export``: fold BN, export to ONNX, verify parity in onnxruntime. A run trained with ``--qat-from``
+is written as the INT8 QDQ model its fake-quant modules simulate, and checked against them."""
 
 from __future__ import annotations
 
@@ -68,12 +69,18 @@ def check_options(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from bnstudy.edge.sources import TORCHVISION_PREFIX
+    from bnstudy.training.checkpoint import load_checkpoint
+
+    check_options(args)
+    if not args.source.startswith(TORCHVISION_PREFIX) and load_checkpoint(args.source)["config"].get("qat_from"):
+        return run_qat(args)
+
     from bnstudy.edge.fold import fold_report_lines
     from bnstudy.edge.onnx_export import check_opset, export_onnx, verify_onnx
     from bnstudy.edge.sources import check_input, load_source, real_test_images
     from bnstudy.io import write_json
 
-    check_options(args)
     check_opset(args.opset)
     torch.set_num_threads(args.threads)
     model, config = load_source(args.source, args.seed)
@@ -117,6 +124,72 @@ def run(args: argparse.Namespace) -> int:
     if not verify.passed:
         print(
             f"bnstudy: parity FAILED for {args.out}: onnxruntime differs from torch beyond tolerance", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+QAT_MIN_AGREEMENT = 0.995  # top-1 agreement onnxruntime INT8 vs torch fake-quant that parity requires
+
+
+def check_qat_options(args: argparse.Namespace, config: dict) -> None:
+    """Refuse the fp32 export's options that have no meaning for a QAT run, whose BN is always folded into the
+    fake-quantised convs and whose graph bnstudy writes itself (opset fixed)."""
+    from bnstudy.edge.qat_export import OPSET
+
+    if not args.fold_bn:
+        raise UserError(f"{args.source} is a QAT run: its BN is folded into the INT8 convs; drop --no-fold-bn")
+    if args.keep_bn:
+        raise UserError(f"{args.source} is a QAT run: every BN is folded, none is kept; drop --keep-bn")
+    if args.opset is not None:
+        raise UserError(f"{args.source} is a QAT run: its QDQ graph is written at opset {OPSET}; drop --opset")
+    if args.input_shape and list(args.input_shape) != list(config["input_shape"]):
+        shape = " ".join(map(str, config["input_shape"]))
+        raise UserError(f"{args.source} is a QAT run trained on inputs {shape}; drop --input-shape")
+
+
+def run_qat(args: argparse.Namespace) -> int:
+    """Write the INT8 QDQ model of a QAT run and check it against the torch fake-quant model on the run's test
+    images (real CIFAR-10 when the run trained on it and it is here); exit 1 when parity fails."""
+    import torch
+
+    from bnstudy.data import to_model_input
+    from bnstudy.edge.qat_export import OPSET, export_qat_onnx, qat_model_from_checkpoint, qat_parity
+    from bnstudy.io import write_json
+    from bnstudy.training.run_data import run_test_images
+
+    model, config = qat_model_from_checkpoint(args.source)
+    check_qat_options(args, config)
+    torch.set_num_threads(args.threads)
+    test, note = run_test_images(config)
+    images = to_model_input(test.x, tuple(config["mean"]), tuple(config["std"]))
+    export_qat_onnx(model, args.out, tuple(config["input_shape"]), config)
+    parity = qat_parity(args.out, model, images, threads=args.threads)
+    passed = parity.top1_agreement >= QAT_MIN_AGREEMENT and parity.max_logit_error <= parity.logit_error_bound
+    ops = parity.runtime_ops
+    print(
+        f"wrote {args.out} (INT8 QDQ, BN folded; onnxruntime runs {ops.get('QLinearConv', 0)} QLinearConv, "
+        f"{ops.get('Conv', 0)} float Conv)"
+    )
+    if note:
+        print(f"note: {note}")
+    print(
+        f"parity on {parity.images} images of {test.source}: top-1 agreement {parity.top1_agreement:.2%} "
+        f"(needs ≥ {QAT_MIN_AGREEMENT:.1%}), max logit error {parity.max_logit_error:.4f} "
+        f"(bound {parity.logit_error_bound:.4f}): {'ok' if passed else 'FAILED'}"
+    )
+    if args.report:
+        report = {
+            "source": args.source,
+            "export": {"out": str(args.out), "format": "QDQ INT8", "opset": OPSET, "qat_from": config["qat_from"]},
+            "verify": parity.to_dict() | {"test_source": test.source, "note": note, "passed": passed},
+        }
+        write_json(args.report, report)
+        print(f"wrote {args.report}")
+    if not passed:
+        print(
+            f"bnstudy: parity FAILED for {args.out}: onnxruntime INT8 differs from the fake-quant model",
+            file=sys.stderr,
         )
         return 1
     return 0

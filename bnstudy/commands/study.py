@@ -29,7 +29,7 @@ def register(registry) -> None:
     )
     p.add_argument(
         "--data",
-        help="for mnist / cnn-channels: a directory with train.npz and test.npz or a torchvision root, or "
+        help="for mnist / cnn-channels / qat-fold: a directory with train.npz and test.npz or a torchvision root, or "
         "'synthetic' (default: real data when found, else synthetic)",
     )
     p.add_argument(
@@ -47,15 +47,15 @@ def run(args: argparse.Namespace) -> int:
         from bnstudy.precision import check_precision
 
         check_precision(args.precision, "cpu")
-        if args.name != "all" and not STUDIES[args.name].trains:
-            raise UserError(f"study {args.name} trains nothing; drop --precision")
+        if args.name != "all" and not STUDIES[args.name].takes_precision:
+            raise UserError(f"study {args.name} takes no --precision; drop it")
     names = list(STUDIES) if args.name == "all" else [args.name]
     check_writable(args.out / names[0] / "result.json")
     if args.data is not None:
         if args.name == "all" and args.data != "synthetic":
             raise UserError(
-                "--data names one dataset; use it with `study mnist` or `study cnn-channels`, or pass "
-                "--data synthetic with `study all`"
+                "--data names one dataset; use it with `study mnist`, `study cnn-channels` or `study qat-fold`, "
+                "or pass --data synthetic with `study all`"
             )
         if args.name != "all" and STUDIES[args.name].dataset is None:
             raise UserError(f"study {args.name} uses no image data; drop --data")

@@ -54,6 +54,10 @@ class FoldedConvBn(nn.Module):
     (:func:`bnstudy.edge.qat_math.batch_corrected_output`) with the batch statistics of the rounded conv, so one conv
     serves both. ``pool`` is an optional max-pool between conv and BN; it commutes with the fold only where γ/σ > 0,
     which :func:`prepare_qat` checks. ``fake_quant`` False leaves the folded weights unrounded.
+
+    ``simulate_fold`` False is QAT *without* folding, the variant the qat-fold study compares: training rounds the
+    conv's own weights per output channel and runs the BN after it as a separate layer (batch statistics, no
+    correction); eval and export fold first, as above, so it ships the same way.
     """
 
     def __init__(
@@ -62,12 +66,14 @@ class FoldedConvBn(nn.Module):
         bn: _BatchNorm,
         pool: nn.Module | None = None,
         weight_range: tuple[int, int] = WEIGHT_RANGE,
+        simulate_fold: bool = True,
     ) -> None:
         super().__init__()
         self.conv = conv
         self.bn = bn
         self.pool = pool if pool is not None else nn.Identity()
         self.weight_range = weight_range
+        self.simulate_fold = simulate_fold
         self.fake_quant = True
         self.register_buffer("frozen", torch.tensor(False))
 
@@ -90,6 +96,11 @@ class FoldedConvBn(nn.Module):
         return weight, bias
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.simulate_fold and self.training and not self.frozen:
+            weight = self.conv.weight
+            if self.fake_quant:
+                weight = fake_quantize_weight(weight, self.weight_scale(weight), *self.weight_range)
+            return self.bn(self.pool(self.conv._conv_forward(x, weight, self.conv.bias)))
         weight, bias = self.quantized_weight_bias()
         if not self.training or self.frozen:
             return self.pool(self.conv._conv_forward(x, weight, bias))
@@ -154,33 +165,34 @@ def _positive_scale(bn: _BatchNorm) -> bool:
     return bool((scale > 0).all())
 
 
-def _fold_run(children: list[nn.Module], start: int, weight_range: tuple[int, int]) -> tuple[nn.Module, int] | None:
-    """(FoldedConvBn, children consumed) for conv → BN or conv → max-pool → BN at ``start``, or None."""
+def _fold_run(children: list[nn.Module], start: int, options: dict) -> tuple[nn.Module, int] | None:
+    """(FoldedConvBn, children consumed) for conv → BN or conv → max-pool → BN at ``start``, or None; ``options``
+    go to FoldedConvBn."""
     conv = children[start]
     if type(conv) is not nn.Conv2d:
         return None
     rest = children[start + 1 : start + 3]
     if rest and isinstance(rest[0], _BatchNorm) and rest[0].num_features == conv.out_channels:
-        return FoldedConvBn(conv, rest[0], weight_range=weight_range), 2
+        return FoldedConvBn(conv, rest[0], **options), 2
     if len(rest) == 2 and isinstance(rest[0], nn.MaxPool2d) and isinstance(rest[1], _BatchNorm):
         pool, bn = rest
         if bn.num_features == conv.out_channels and not pool.return_indices:
             if not _positive_scale(bn):
                 raise UserError("a BatchNorm after conv → max-pool has γ/σ ≤ 0 in some channel, so it cannot be folded")
-            return FoldedConvBn(conv, bn, pool, weight_range), 3
+            return FoldedConvBn(conv, bn, pool, **options), 3
     return None
 
 
-def _rewrite(module: nn.Module, weight_range: tuple[int, int]) -> int:
+def _rewrite(module: nn.Module, options: dict) -> int:
     """Rewrite ``module``'s Sequential descendants in place; returns the number of folded pairs."""
     folded = 0
     for child in module.children():
-        folded += _rewrite(child, weight_range)
+        folded += _rewrite(child, options)
     if not isinstance(module, nn.Sequential):
         return folded
     children, out, i = list(module), [], 0
     while i < len(children):
-        run = _fold_run(children, i, weight_range)
+        run = _fold_run(children, i, options)
         if run is not None:
             out.append(run[0])
             folded += 1
@@ -196,16 +208,19 @@ def _rewrite(module: nn.Module, weight_range: tuple[int, int]) -> int:
     return folded
 
 
-def prepare_qat(model: nn.Module, weight_range: tuple[int, int] = WEIGHT_RANGE) -> nn.Sequential:
+def prepare_qat(
+    model: nn.Module, weight_range: tuple[int, int] = WEIGHT_RANGE, simulate_fold: bool = True
+) -> nn.Sequential:
     """A QAT copy of a trained fp32 image model: every conv → BN (or conv → max-pool → BN) inside an nn.Sequential
     becomes a :class:`FoldedConvBn`; the model input, the output of every ReLU, GELU and residual block, and that of
     every folded conv not followed by a ReLU (whose quantiser covers it: its zero point is 0) get an
     :class:`ActivationFakeQuant`, so every conv reads and writes quantised tensors, as onnxruntime's QLinearConv
-    does. Returns ``Sequential(input_quant, model)`` in training mode; ``model`` is untouched. Raises a one-line
+    does. ``simulate_fold`` False trains without the fold (see :class:`FoldedConvBn`). Returns
+    ``Sequential(input_quant, model)`` in training mode; ``model`` is untouched. Raises a one-line
     UserError when there is no BN to fold or a BN is left unfolded.
     """
     copy_ = copy.deepcopy(model)
-    folded = _rewrite(copy_, weight_range)
+    folded = _rewrite(copy_, {"weight_range": weight_range, "simulate_fold": simulate_fold})
     inside = {id(m.bn) for m in copy_.modules() if isinstance(m, FoldedConvBn)}
     left = [name for name, m in copy_.named_modules() if isinstance(m, _BatchNorm) and id(m) not in inside]
     if folded == 0:

@@ -128,7 +128,13 @@ class _GraphWriter:
             inputs.append(self.constant("bias", bias.numpy()))
         else:  # what onnxruntime's QLinearConv takes: int32 at the accumulator's scale
             bias_scale = scale.double() * input_scale
-            bias_levels = torch.round(bias.double() / bias_scale).to(torch.int32).numpy()
+            bias_levels = torch.round(bias.double() / bias_scale)
+            if bias_levels.abs().max() > torch.iinfo(torch.int32).max:  # a cast would wrap it silently
+                raise UserError(
+                    f"conv {name!r}: its folded bias is over 2^31 steps of s_input·s_weight, beyond int32; "
+                    "its BN shift is far larger than what the layer's input and weights can express"
+                )
+            bias_levels = bias_levels.to(torch.int32).numpy()
             dequantised = [
                 self.constant("bias_int32", bias_levels),
                 self.constant("bias_scale", bias_scale.float().numpy()),

@@ -94,3 +94,19 @@ def batch_corrected_output(
     return conv_running_folded * ratio.view(shape).to(conv_running_folded.dtype) + bias.view(shape).to(
         conv_running_folded.dtype
     )
+
+
+def weight_levels(weight: Tensor, qmin: int, qmax: int) -> Tensor:
+    """The integer levels the shipped weights hold: ``weight`` on its per-output-channel symmetric grid."""
+    scale = symmetric_weight_scale(weight, qmin, qmax).double().view(-1, *(1,) * (weight.dim() - 1))
+    return torch.round(weight.detach().double() / scale).clamp(qmin, qmax)
+
+
+def fold_rounding_agreement(weight: Tensor, channel_scale: Tensor, qmin: int, qmax: int) -> float:
+    """Fraction of weights whose level is the same whether the fold's per-channel scale k is applied before
+    rounding (what ships: levels of W·k) or after (QAT without folding: k·q(W), the levels of W times sign k).
+    A per-channel symmetric grid scales with |k|, so rounding commutes with the fold and this is 1 up to float ties."""
+    k = channel_scale.detach().double().view(-1, *(1,) * (weight.dim() - 1))
+    folded = weight_levels(weight.detach().double() * k, qmin, qmax)
+    unfolded = weight_levels(weight, qmin, qmax) * torch.sign(k)
+    return float((folded == unfolded).double().mean())

@@ -2,8 +2,10 @@
 :class:`~bnstudy.studies.result.StudyResult`; :mod:`bnstudy.studies.figures` draws its figures.
 
 This module imports no study (nor torch), so ``bnstudy --help`` can list the studies cheaply. Studies may import
-the shared building blocks (data, models, norms, precision, reference, io); never training, edge, traces, benchmarks or
-commands. Their figures (figures) and fitting helpers (fitting) live here too.
+the shared building blocks (data, models, norms, precision, reference, io), distributed, and edge: qat-fold studies
+the INT8 models edge builds and ships (the QAT modules, the ONNX writers, deploy/'s quantiser and latency harness as
+edge loads them), so it uses those rather than copies. Never training, traces, benchmarks or commands. Their
+figures (figures) and fitting helpers (fitting) live here too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class StudyInfo:
     module: str
     help: str
     dataset: str | None = None
-    trains: bool = True  # whether it trains models (and so takes a precision)
+    takes_precision: bool = True  # whether it trains models in a choosable precision (--precision)
 
 
 STUDIES = {
@@ -33,7 +35,7 @@ STUDIES = {
             "manual-bn",
             "manual_bn",
             "BN from scratch against nn.BatchNorm1d; the blog's example recomputed",
-            trains=False,
+            takes_precision=False,
         ),
         StudyInfo("modes", "modes", "train vs eval mode: repeated predictions of the same rows"),
         StudyInfo("batch-size", "batch_size", "the plain MLP at batch sizes 8, 32, 128, 512"),
@@ -41,6 +43,13 @@ STUDIES = {
         StudyInfo("gradients", "gradients", "mean |grad| per layer with and without BN, at init and in training"),
         StudyInfo("mnist", "mnist", "the MNIST MLP with and without BN", dataset="mnist"),
         StudyInfo("cnn-channels", "cnn_channels", "BatchNorm2d per channel, conv bias, seed CNN", dataset="cifar10"),
+        StudyInfo(
+            "qat-fold",
+            "qat_fold",
+            "INT8 after training vs QAT, BN folded or not, frozen or not",
+            "cifar10",
+            takes_precision=False,  # fake quantisation simulates INT8 in float32
+        ),
     )
 }
 
@@ -56,7 +65,7 @@ def run_study(
     precision, :mod:`bnstudy.precision`) to those that train."""
     info = STUDIES[name]
     module = importlib.import_module(f"bnstudy.studies.{info.module}")
-    overrides = {"precision": precision} if precision is not None and info.trains else {}
+    overrides = {"precision": precision} if precision is not None and info.takes_precision else {}
     if info.dataset is not None:
         overrides["data"] = data
     return module.run(seeds, quick, **overrides)

@@ -194,6 +194,17 @@ def cnn_channels_figures(result: StudyResult) -> dict[str, Figure]:
     return {"channel_statistics": fig, "training": _metric_grid(result.data["curves"], "seed CNN")}
 
 
+def qat_fold_figures(result: StudyResult) -> dict[str, Figure]:
+    variants = result.summary["variants"]
+    labels = [name.replace("_", "\n") for name in variants]
+    fig, axes = new_figure(1, 2, (5.5, 3.8))
+    panels = (("top1", "top-1 on the test images"), ("images_per_s", "onnxruntime images/s, batch 64"))
+    for ax, (metric, title) in zip(axes[0], panels):
+        bars(ax, labels, [v[metric] for v in variants.values()], color="tab:green")
+        decorate(ax, title, "variant", metric.replace("_", " "))
+    return {"variants": fig}
+
+
 FIGURES: dict[str, Callable[[StudyResult], dict[str, Figure]]] = {
     "manual-bn": manual_bn_figures,
     "modes": modes_figures,
@@ -202,6 +213,7 @@ FIGURES: dict[str, Callable[[StudyResult], dict[str, Figure]]] = {
     "gradients": gradients_figures,
     "mnist": mnist_figures,
     "cnn-channels": cnn_channels_figures,
+    "qat-fold": qat_fold_figures,
 }
 
 

@@ -71,18 +71,21 @@ def fit(
     seed: int,
     on_epoch_end: Callable[[int], None] | None = None,
     desc: str = "train",
+    evaluate_train: bool = True,
     precision: str = "fp32",
 ) -> dict[str, list[float]]:
     """Train with Adam and return per-epoch ``train_loss``/``train_acc`` (averaged over the epoch's minibatches,
     in train mode, as the seed notebooks logged them), ``train_eval_loss``/``train_eval_acc`` (the whole
-    training set in eval mode after the epoch: what the model has learnt, without batch-statistics noise) and
-    ``test_loss``/``test_acc`` (eval mode, after the epoch). Forward passes run under ``precision``'s autocast
-    (:mod:`bnstudy.precision`; the CPU's)."""
+    training set in eval mode after the epoch: what the model has learnt, without batch-statistics noise; left
+    out with ``evaluate_train`` False, where that pass would cost more than it tells) and ``test_loss``/``test_acc``
+    (eval mode, after the epoch). Forward passes run under ``precision``'s autocast (:mod:`bnstudy.precision`; the
+    CPU's)."""
     chosen = resolve_precision(precision, torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    splits = ("train_eval", "test") if evaluate_train else ("test",)
     history: dict[str, list[float]] = {
-        key: [] for key in ("train_loss", "train_acc", "train_eval_loss", "train_eval_acc", "test_loss", "test_acc")
+        key: [] for key in ("train_loss", "train_acc", *(f"{split}_{m}" for split in splits for m in ("loss", "acc")))
     }
     for epoch in tqdm(range(epochs), desc=desc, leave=False, disable=None):
         model.train()
@@ -98,8 +101,9 @@ def fit(
             seen += len(idx)
         history["train_loss"].append(loss_sum / seen)
         history["train_acc"].append(correct / seen)
-        for split, x, y in (("train_eval", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
-            loss, acc = evaluate(model, x, y, precision=chosen)
+        evaluated = {"train_eval": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}
+        for split in splits:
+            loss, acc = evaluate(model, *evaluated[split], precision=chosen)
             history[f"{split}_loss"].append(loss)
             history[f"{split}_acc"].append(acc)
         if on_epoch_end is not None:

@@ -8,7 +8,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from bnstudy.data import ImageDataset, find_or_download_cifar10, load_images, load_test_images, synthetic_images
+from bnstudy.data import (
+    ImageDataset,
+    find_or_download_cifar10,
+    find_real_data,
+    load_images,
+    load_test_images,
+    synthetic_images,
+)
 from bnstudy.errors import UserError
 from bnstudy.training.config import TrainConfig
 
@@ -82,9 +89,29 @@ def _real(root: Path, config: TrainConfig) -> RunData:
     return RunData(train, test, f"CIFAR-10 from {root} (test: {test.source}, {len(test)} images)")
 
 
+def synthetic_test_set(config: TrainConfig) -> ImageDataset:
+    """The synthetic test set of a run on synthetic data (before --test-subset)."""
+    return synthetic_images("cifar10", max(1000, config.synthetic_size // 10), seed=config.seed + 10_000)
+
+
+def run_test_images(stored: dict) -> tuple[ImageDataset, str]:
+    """The test images a finished run is judged on, found again from its stored config: CIFAR-10's test set (the
+    exact 1,000 where the directory has them) when it trained on real data and that data is here, else the run's
+    own synthetic test set; and a note when real data was wanted but is not here. Never downloads."""
+    config = TrainConfig.from_dict(stored)
+    note = ""
+    if not stored.get("synthetic", True):
+        root = Path(config.data) if config.data not in ("auto", "synthetic") else find_real_data("cifar10")
+        if root is not None and root.exists():
+            return load_test_images("cifar10", root), note
+        note = "the run trained on CIFAR-10, which is not here: its synthetic twin stands in"
+    test = synthetic_test_set(config)
+    return _subset(test, config.test_subset, "--test-subset", True), note
+
+
 def _synthetic(config: TrainConfig, reason: str) -> RunData:
     train = synthetic_images("cifar10", config.synthetic_size, seed=config.seed)
-    test = synthetic_images("cifar10", max(1000, config.synthetic_size // 10), seed=config.seed + 10_000)
+    test = synthetic_test_set(config)
     note = f"WARNING: training on SYNTHETIC data ({reason}); accuracies say nothing about CIFAR-10"
     return RunData(train, test, f"synthetic CIFAR-shaped data ({len(train)} train, {len(test)} test)", True, [note])
 
