@@ -1,13 +1,14 @@
 """CPU attribution: which category each moment of a CPU thread belongs to (BN forward, BN backward, BN
-synchronisation, convolution/linear, precision casts, DDP gradient all-reduce, optimizer, data loading, other), and
+synchronisation, convolution/linear, casts/conversions, DDP gradient all-reduce, optimizer, data loading, other), and
 a step's CPU time across the threads that ran it.
 
 Rules:
 - Events nest by time on each thread. An event's category is that of its outermost categorised ancestor (so
   ``aten::native_batch_norm`` inside ``aten::batch_norm`` counts once), with two exceptions: a collective issued
-  inside a BN event is BN synchronisation (plain BN issues none; sync BN's forward and backward do), and a dtype
-  cast inside a convolution/linear event is a precision cast (under autocast, ``aten::conv2d`` first casts its
-  input and weight to bf16/fp16: the price of mixed precision, not of the convolution). Other collectives are
+  inside a BN event is BN synchronisation (plain BN issues none; sync BN's forward and backward do), and a
+  conversion (``aten::to``/``_to_copy``) inside a convolution/linear event is a cast (under autocast,
+  ``aten::conv2d`` first casts its input and weight to bf16/fp16: the price of mixed precision, not of the
+  convolution; fp32 steps have a few too, e.g. layout copies in convolution backward). Other collectives are
   DDP's when launched inside autograd (DDP's gradient hooks) or DDP's forward, else "other"
   (a loop's metric all-reduce, a barrier).
 - Each event's self time (its duration minus its children's) goes to its category, "other" when it has none. The
@@ -53,7 +54,7 @@ CATEGORY_LABELS = {
     BN_BACKWARD: "BN backward",
     BN_SYNC: "BN synchronisation",
     CONV_LINEAR: "convolution/linear",
-    CAST: "precision casts",
+    CAST: "casts/conversions",
     DDP_ALLREDUCE: "DDP gradient all-reduce",
     OPTIMIZER: "optimizer",
     DATA: "data loading",

@@ -14,7 +14,7 @@ Each GPU activity gets one category:
 4. Names alone are ambiguous for the rest (an elementwise kernel, a copy): they take the category of the CPU
    operator that launched them (its correlation id or launch flow leads to the runtime call, the call to the
    innermost operator around it): BN forward/backward/synchronisation, DDP gradient all-reduce,
-   convolution/GEMM (cuDNN's and cuBLAS's helper kernels), or precision casts (autocast's copy kernels).
+   convolution/GEMM (cuDNN's and cuBLAS's helper kernels), or casts/conversions (autocast's copy kernels).
 5. Otherwise: memcpy, memset, elementwise (``elementwise``, fills, copies, ``multi_tensor_apply``), other kernels.
 
 A step's GPU time is the step's window ([start, end] of its ``ProfilerStep``) on each device's timeline: at each
@@ -56,7 +56,7 @@ GPU_CATEGORY_LABELS = {
     BN_SYNC: "BN synchronisation",
     DDP_ALLREDUCE: "DDP gradient all-reduce",
     CONV_GEMM: "convolution/GEMM",
-    CAST: "precision casts",
+    CAST: "casts/conversions",
     ELEMENTWISE: "elementwise",
     GPU_MEMCPY: "memcpy",
     GPU_MEMSET: "memset",
