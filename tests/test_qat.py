@@ -415,6 +415,38 @@ def test_bnstudy_export_of_a_qat_run_writes_int8_checks_parity_and_deploy_runs_i
     assert {("ort int8", 1), ("ort int8", 64)} <= rows
 
 
+def test_bnstudy_export_of_a_qat_run_whose_int8_model_disagrees_exits_1_and_keeps_the_whole_file(
+    qat_runs, tmp_path, capsys
+):
+    """A real parity failure: the QAT run's checkpoint with one BN shift raised until that channel's int32 bias is
+    2^10 steps (s_input·s_weight) under int32's limit. The exporter accepts it (the bias itself fits), but
+    onnxruntime adds the channel's int32 accumulator to it, which wraps to a large negative value wherever the
+    accumulator exceeds 2^10, while torch's float conv saturates the activation."""
+    checkpoint = load_checkpoint(qat_runs[1])
+    model, _ = qat_model_from_checkpoint(qat_runs[1])
+    folded, quantiser = model.model[1][0], model.model[0][2]  # the second conv reads the first ReLU's quantiser
+    weight, bias = (t.detach() for t in folded.quantized_weight_bias())
+    step = float(quantiser.qparams()[0]) * float(folded.weight_scale(weight)[0])
+    state = dict(checkpoint["model"])
+    state["model.1.0.bn.bias"] = state["model.1.0.bn.bias"].clone()
+    state["model.1.0.bn.bias"][0] += (2**31 - 2**10) * step - float(bias[0])
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", checkpoint | {"model": state})
+
+    out, report = tmp_path / "qat.int8.onnx", tmp_path / "qat.json"
+    assert cli(["export", str(tmp_path / "run"), "--out", str(out), "--report", str(report)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        f"bnstudy: parity FAILED for {out} (kept for inspection): onnxruntime INT8 differs from the fake-quant model"
+    )
+    assert "FAILED" in captured.out
+    verify = json.loads(report.read_text())["verify"]
+    assert not verify["passed"] and verify["max_logit_error"] > verify["logit_error_bound"]
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)  # the kept file is whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qat.int8.onnx", "qat.json", "run"]  # no temp file left
+    biases = [t for t in onnx.load(str(out)).graph.initializer if t.name.startswith("bias_int32")]
+    assert 2**31 - 2**11 < onnx.numpy_helper.to_array(biases[1])[0] < 2**31  # the setup is the one described
+
+
 def test_a_run_is_checked_on_its_own_synthetic_test_images_when_its_real_data_is_not_here(tmp_path):
     test, note = run_test_images({"synthetic": True, "seed": 3, "synthetic_size": 512, "test_subset": 100})
     assert len(test) == 100 and note == "" and test.source == "synthetic-cifar10(seed=10003)"
