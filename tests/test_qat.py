@@ -30,6 +30,7 @@ from bnstudy.edge.qat_math import (
     fake_quantize_weight,
     fold_rounding_agreement,
     symmetric_weight_scale,
+    training_fold_scale,
     weight_levels,
 )
 from bnstudy.errors import UserError
@@ -146,6 +147,16 @@ def test_per_channel_rounding_commutes_with_the_fold_scale():
 
     off_grid = (per_tensor(weight) * scale.view(-1, 1, 1, 1) - per_tensor(folded)).abs() > 1e-9
     assert off_grid.double().mean() > 0.5  # with one scale per tensor, rounding would not commute with the fold
+
+
+def test_a_zero_fold_scale_is_divided_out_as_one_and_ships_zero_levels_at_a_normal_scale():
+    k = torch.tensor([0.0, -0.0, -1.5, 2.0], dtype=torch.float64)
+    assert training_fold_scale(k).tolist() == [1.0, 1.0, -1.5, 2.0]  # q(0)/0 would be NaN
+    weight = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert fold_rounding_agreement(weight, k, *WEIGHT_RANGE) == 1.0  # level 0 folded or not
+    folded = weight * k.view(-1, 1, 1, 1)
+    assert symmetric_weight_scale(folded, *WEIGHT_RANGE)[:2].tolist() == [2.0**-23] * 2
+    assert weight_levels(folded, *WEIGHT_RANGE)[:2].abs().max() == 0
 
 
 def test_frozen_statistics_stop_changing():
@@ -290,6 +301,40 @@ def test_resnet_export_runs_every_conv_in_int8_and_agrees(tmp_path):
     assert parity.top1_agreement >= 0.99 and parity.max_logit_error <= parity.logit_error_bound
 
 
+@pytest.mark.parametrize("simulate_fold", [True, False])
+def test_a_channel_with_zero_gamma_and_one_with_negative_gamma_train_export_and_agree(simulate_fold, tmp_path):
+    """γ = 0 (a zero-initialised residual γ, a pruned channel) makes the fold's k = γ/σ zero, and γ < 0 flips its
+    sign: QAT stays finite with γ learning as in plain BN, and the INT8 export of a channel held at γ = 0, whose
+    output is its β, agrees with the fake-quant model."""
+    torch.manual_seed(0)
+    pixels, labels = colour_images(512, seed=0)
+    x = to_model_input(pixels, CIFAR10_MEAN, CIFAR10_STD)
+    model = CifarResNet("bn", width=4)
+    train_steps(model, x, labels, 10)
+    with torch.no_grad():
+        bn = model.stages[0][4].body[1]  # the residual branch's BN, whose γ zero-init residual training zeroes
+        bn.weight[0], bn.weight[1] = 0.0, -bn.weight[1].abs()
+    qat = prepare_qat(model, simulate_fold=simulate_fold)
+    folded = qat.model.stages[0][4].body[0]
+    train_steps(qat, x, labels, 5)
+    assert all(t.isfinite().all() for t in qat.state_dict().values() if t.is_floating_point())
+    assert folded.bn.weight[0] != 0  # γ = 0 gets a gradient, as in plain BN
+    train_steps(freeze_bn_statistics(qat), x, labels, 3)
+    with torch.no_grad():  # pruned: γ held at zero, the channel outputs its β
+        folded.bn.weight[0], folded.bn.bias[0] = 0.0, 0.5
+        folded.bn.weight[1] = -folded.bn.weight[1].abs()
+    path = export_qat_onnx(qat.eval(), tmp_path / "pruned.int8.onnx", (3, 32, 32))
+    scales = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if "scale" in t.name]
+    assert all((s >= np.finfo(np.float32).tiny).all() for s in scales)  # no zero or denormal scale for onnxruntime
+    test_pixels, _ = colour_images(1000, seed=7)
+    images = to_model_input(test_pixels, CIFAR10_MEAN, CIFAR10_STD)
+    parity = qat_parity(path, qat, images)
+    with torch.no_grad():
+        assert qat(images).isfinite().all()
+    assert parity.runtime_ops.get("QLinearConv") == 7 and "Conv" not in parity.runtime_ops
+    assert parity.top1_agreement >= 0.99 and parity.max_logit_error <= parity.logit_error_bound
+
+
 def test_export_refuses_a_bias_beyond_int32_and_writes_nothing(exported, tmp_path):
     qat = copy.deepcopy(exported[0])
     with torch.no_grad():
@@ -368,6 +413,38 @@ def test_bnstudy_export_of_a_qat_run_writes_int8_checks_parity_and_deploy_runs_i
     assert bench.main([str(fp32), "--int8", str(out), "--quick", "--threads", "1", "--out", str(bench_out)]) == 0
     rows = {(row["variant"], row["batch"]) for row in json.loads(bench_out.read_text())["rows"]}
     assert {("ort int8", 1), ("ort int8", 64)} <= rows
+
+
+def test_bnstudy_export_of_a_qat_run_whose_int8_model_disagrees_exits_1_and_keeps_the_whole_file(
+    qat_runs, tmp_path, capsys
+):
+    """A real parity failure: the QAT run's checkpoint with one BN shift raised until that channel's int32 bias is
+    2^10 steps (s_input·s_weight) under int32's limit. The exporter accepts it (the bias itself fits), but
+    onnxruntime adds the channel's int32 accumulator to it, which wraps to a large negative value wherever the
+    accumulator exceeds 2^10, while torch's float conv saturates the activation."""
+    checkpoint = load_checkpoint(qat_runs[1])
+    model, _ = qat_model_from_checkpoint(qat_runs[1])
+    folded, quantiser = model.model[1][0], model.model[0][2]  # the second conv reads the first ReLU's quantiser
+    weight, bias = (t.detach() for t in folded.quantized_weight_bias())
+    step = float(quantiser.qparams()[0]) * float(folded.weight_scale(weight)[0])
+    state = dict(checkpoint["model"])
+    state["model.1.0.bn.bias"] = state["model.1.0.bn.bias"].clone()
+    state["model.1.0.bn.bias"][0] += (2**31 - 2**10) * step - float(bias[0])
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", checkpoint | {"model": state})
+
+    out, report = tmp_path / "qat.int8.onnx", tmp_path / "qat.json"
+    assert cli(["export", str(tmp_path / "run"), "--out", str(out), "--report", str(report)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        f"bnstudy: parity FAILED for {out} (kept for inspection): onnxruntime INT8 differs from the fake-quant model"
+    )
+    assert "FAILED" in captured.out
+    verify = json.loads(report.read_text())["verify"]
+    assert not verify["passed"] and verify["max_logit_error"] > verify["logit_error_bound"]
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)  # the kept file is whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qat.int8.onnx", "qat.json", "run"]  # no temp file left
+    biases = [t for t in onnx.load(str(out)).graph.initializer if t.name.startswith("bias_int32")]
+    assert 2**31 - 2**11 < onnx.numpy_helper.to_array(biases[1])[0] < 2**31  # the setup is the one described
 
 
 def test_a_run_is_checked_on_its_own_synthetic_test_images_when_its_real_data_is_not_here(tmp_path):

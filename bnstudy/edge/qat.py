@@ -36,6 +36,7 @@ from bnstudy.edge.qat_math import (
     fake_quantize_weight,
     fold_conv_bn,
     symmetric_weight_scale,
+    training_fold_scale,
 )
 from bnstudy.errors import UserError
 from bnstudy.models import Residual
@@ -49,7 +50,8 @@ class FoldedConvBn(nn.Module):
 
     Eval mode, or training after :func:`freeze_bn_statistics`: ``pool(conv(x, q(W·γ/σ_r)) + b_r)``, the running
     statistics folded exactly as :func:`bnstudy.edge.fold.fold_layer_bn` folds them. Training: the BN normalises
-    ``conv(x, q(W·γ/σ_r)) / (γ/σ_r)`` with its batch statistics (updating its running statistics; a SyncBatchNorm
+    ``conv(x, q(W·γ/σ_r)) / (γ/σ_r)`` (k = γ/σ_r taken as 1 where γ = 0: :func:`bnstudy.edge.qat_math
+    .training_fold_scale`) with its batch statistics (updating its running statistics; a SyncBatchNorm
     synchronises them across ranks), which is Krishnamoorthi's ``conv(x, q(W·γ/σ_r))·σ_r/σ_B + β − γ·μ_B/σ_B``
     (:func:`bnstudy.edge.qat_math.batch_corrected_output`) with the batch statistics of the rounded conv, so one conv
     serves both. ``pool`` is an optional max-pool between conv and BN; it commutes with the fold only where γ/σ > 0,
@@ -101,13 +103,17 @@ class FoldedConvBn(nn.Module):
             if self.fake_quant:
                 weight = fake_quantize_weight(weight, self.weight_scale(weight), *self.weight_range)
             return self.bn(self.pool(self.conv._conv_forward(x, weight, self.conv.bias)))
-        weight, bias = self.quantized_weight_bias()
         if not self.training or self.frozen:
+            weight, bias = self.quantized_weight_bias()
             return self.pool(self.conv._conv_forward(x, weight, bias))
         bn = self.bn
         running_scale, _ = bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, None, bn.eps)
+        scale = training_fold_scale(running_scale)
+        weight = (self.conv.weight.double() * scale.view(-1, 1, 1, 1)).to(self.conv.weight.dtype)
+        if self.fake_quant:
+            weight = fake_quantize_weight(weight, self.weight_scale(weight), *self.weight_range)
         shape = (1, -1, 1, 1)
-        y = self.conv._conv_forward(x, weight, None) / running_scale.to(x.dtype).view(shape)
+        y = self.conv._conv_forward(x, weight, None) / scale.to(x.dtype).view(shape)
         if self.conv.bias is not None:
             y = y + self.conv.bias.view(shape)
         return self.bn(self.pool(y))

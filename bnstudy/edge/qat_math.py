@@ -25,14 +25,18 @@ from bnstudy.edge.fold_math import bn_scale_shift, fold_into_output
 WEIGHT_RANGE = (-64, 63)  # 7-bit: safe for onnxruntime's u8s8 kernels on CPUs without VNNI
 FULL_WEIGHT_RANGE = (-128, 127)
 ACTIVATION_RANGE = (0, 255)  # uint8
-_TINY_SCALE = 1e-12  # an all-zero channel or tensor still gets a usable (positive) scale
+_MIN_SCALE = float(torch.finfo(torch.float32).eps)  # 2^-23, torch.ao observers' floor; see symmetric_weight_scale
 
 
 def symmetric_weight_scale(weight: Tensor, qmin: int, qmax: int) -> Tensor:
     """Per-output-channel float32 scale so that the channel's largest magnitude lands on the last level both signs
-    reach (min(−qmin, qmax)): nothing is clipped, and the rounding error is at most half a step."""
+    reach (min(−qmin, qmax)): nothing is clipped, and the rounding error is at most half a step.
+
+    An all-zero channel (γ = 0: a pruned channel, a zero-initialised residual γ) gets 2^-23 rather than a tinier
+    floor: its levels are 0 whatever the scale, but its bias ships as int32 at s_input·s_weight, and 2^-23 holds a
+    bias up to 2^31·2^-23·s_input = 256·s_input (about the input's whole range) to within 2^-24·s_input."""
     amax = weight.detach().double().abs().flatten(1).amax(1)
-    return (amax / min(-qmin, qmax)).clamp(min=_TINY_SCALE).float()
+    return (amax / min(-qmin, qmax)).clamp(min=_MIN_SCALE).float()
 
 
 def affine_activation_qparams(min_val: Tensor, max_val: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
@@ -40,7 +44,7 @@ def affine_activation_qparams(min_val: Tensor, max_val: Tensor, qmin: int, qmax:
     floor, zero padding) is represented exactly."""
     low = torch.clamp(min_val.detach().double(), max=0.0)
     high = torch.clamp(max_val.detach().double(), min=0.0)
-    scale = ((high - low) / (qmax - qmin)).clamp(min=_TINY_SCALE)
+    scale = ((high - low) / (qmax - qmin)).clamp(min=_MIN_SCALE)
     zero_point = torch.clamp(qmin - torch.round(low / scale), qmin, qmax)
     return scale.float(), zero_point.to(torch.int32)
 
@@ -71,6 +75,14 @@ def fold_conv_bn(
     ones inside the training correction). Differentiable in every argument, so γ, β and W learn through it."""
     scale, shift = bn_scale_shift(mean, var, bn_weight, bn_bias, eps)
     return fold_into_output(weight, bias, scale, shift)
+
+
+def training_fold_scale(running_scale: Tensor) -> Tensor:
+    """The per-channel k that training folds into the weights before rounding and divides out after the conv, so
+    that BN normalises conv(x, q(W·k))/k: BN's γ/σ_r, except 1 where that is 0 (γ = 0), where q(0)/0 would be NaN.
+    There BN sees the conv with its own weights rounded, which q(W·k)/k is for every k ≠ 0 (per-channel rounding
+    commutes with the fold), so γ still learns as in plain BN; what ships is unchanged (levels 0, bias β)."""
+    return torch.where(running_scale == 0, torch.ones_like(running_scale), running_scale)
 
 
 def batch_corrected_output(
