@@ -41,6 +41,7 @@ def test_notebook_is_stored_without_outputs(path):
 def test_notebook_runs_in_quick_mode(path, kernel_path, tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(kernel_path))
     monkeypatch.setenv("BNSTUDY_QUICK", "1")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the folders quick notebooks make go with pytest's own
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
         nb, kernel_name=KERNEL, timeout=300, allow_errors=False, resources={"metadata": {"path": str(tmp_path)}}

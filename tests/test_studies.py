@@ -20,6 +20,7 @@ from bnstudy.studies.gradients import GradientRecorder, spread
 from bnstudy.studies.manual_bn import three_layer_example, worked_input
 from bnstudy.studies.modes import Params as ModesParams
 from bnstudy.studies.modes import compare_modes
+from bnstudy.studies.qat_fold import points
 from bnstudy.studies.result import choose_params, is_quick, mean_std, mean_std_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -74,6 +75,12 @@ def test_qat_fold_scores_every_variant_on_the_files_onnxruntime_runs(quick_all):
         assert seed["fold_rounding_agreement"] >= 0.999 and seed["training_forward_difference"] <= 1e-4
         assert set(seed["parity"]) == {"qat_frozen", "qat_learning", "qat_unfolded"}
     assert set(result["findings"]) >= {"qat_frozen_within_target_of_fp32_tuned", "qat_at_least_ptq"}
+
+
+def test_qat_fold_gaps_are_whole_test_image_steps():
+    # 87.2% − 86.9% is 0.30000000000000027 in floats: a 0.3-point target must see it as met.
+    assert points(0.872, 0.869) == 0.3 and points(0.869, 0.872) == -0.3
+    assert points(0.5, 0.5) == 0.0
 
 
 def test_three_layer_example_propagates_relu_outputs():

@@ -221,12 +221,18 @@ def run_seed(seed: int, p: Params, split, workdir: Path) -> dict:
     }
 
 
+def points(top1_a: float, top1_b: float) -> float:
+    """``top1_a − top1_b`` in percentage points, rounded to 1e-6: top-1 is a count over the test images, so any
+    real gap is at least 100/N points, and unrounded float gaps such as 0.30000000000000027 fail a 0.3 target."""
+    return round(100 * (top1_a - top1_b), 6)
+
+
 def summarise(seeds: list[dict]) -> dict:
     """Mean ± std across seeds of every variant's metrics, and the top-1 gaps the findings rest on."""
     metrics = seeds[0]["rows"]["fp32"].keys()
     variants = {v: {m: mean_std([s["rows"][v][m] for s in seeds]) for m in metrics} for v in VARIANTS}
     gaps = {
-        v: mean_std([100 * (s["rows"]["fp32"]["top1"] - s["rows"][v]["top1"]) for s in seeds])
+        v: mean_std([points(s["rows"]["fp32"]["top1"], s["rows"][v]["top1"]) for s in seeds])
         for v in VARIANTS
         if v != "fp32"
     }
@@ -323,8 +329,8 @@ def findings(per_seed: list[dict], summary: dict) -> dict[str, Check]:
         "qat_frozen_within_target_of_fp32_tuned": Check(
             f"QAT folded with BN frozen is within {MAX_FP32_GAP_POINTS} points of the fp32 model fine-tuned the same "
             "way (the fair comparison: QAT's fine-tuning is extra training too)",
-            100 * (top1["fp32_tuned"] - top1["qat_frozen"]) <= MAX_FP32_GAP_POINTS,
-            {v: 100 * (top1["fp32_tuned"] - top1[v]) for v in INT8_VARIANTS},
+            points(top1["fp32_tuned"], top1["qat_frozen"]) <= MAX_FP32_GAP_POINTS,
+            {v: points(top1["fp32_tuned"], top1[v]) for v in INT8_VARIANTS},
         ),
         "qat_at_least_ptq": Check(
             "QAT folded with BN frozen has at least post-training INT8's top-1",
@@ -344,7 +350,7 @@ def findings(per_seed: list[dict], summary: dict) -> dict[str, Check]:
                 "agreement": [u["agreement"] for u in unfolded],
                 "max_logit_difference": [u["max_logit_difference"] for u in unfolded],
                 "bn_running_var_max_difference": [u["bn_running_var_max_difference"] for u in unfolded],
-                "top1_unfolded_minus_learning_points": 100 * (top1["qat_unfolded"] - top1["qat_learning"]),
+                "top1_unfolded_minus_learning_points": points(top1["qat_unfolded"], top1["qat_learning"]),
             },
         ),
         "qat_int8_speed": Check(
