@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnstudy.edge.fold_math import bn_scale_shift
+from bnstudy.edge.fold_math import bn_scale_shift, fold_into_output
 from bnstudy.edge.qat_math import (
     ACTIVATION_RANGE,
     WEIGHT_RANGE,
@@ -93,27 +93,26 @@ class FoldedConvBn(nn.Module):
     def quantized_weight_bias(self) -> tuple[Tensor, Tensor]:
         """The folded weight, fake-quantised unless ``fake_quant`` is off, and the folded bias."""
         weight, bias = self.folded_weight_bias()
-        if self.fake_quant:
-            weight = fake_quantize_weight(weight, self.weight_scale(weight), *self.weight_range)
-        return weight, bias
+        return self.rounded(weight), bias
+
+    def rounded(self, weight: Tensor) -> Tensor:
+        """``weight`` on its per-output-channel int8 grid (as is when ``fake_quant`` is off)."""
+        if not self.fake_quant:
+            return weight
+        return fake_quantize_weight(weight, self.weight_scale(weight), *self.weight_range)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.simulate_fold and self.training and not self.frozen:
-            weight = self.conv.weight
-            if self.fake_quant:
-                weight = fake_quantize_weight(weight, self.weight_scale(weight), *self.weight_range)
-            return self.bn(self.pool(self.conv._conv_forward(x, weight, self.conv.bias)))
+            return self.bn(self.pool(self.conv._conv_forward(x, self.rounded(self.conv.weight), self.conv.bias)))
         if not self.training or self.frozen:
             weight, bias = self.quantized_weight_bias()
             return self.pool(self.conv._conv_forward(x, weight, bias))
         bn = self.bn
         running_scale, _ = bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, None, bn.eps)
         scale = training_fold_scale(running_scale)
-        weight = (self.conv.weight.double() * scale.view(-1, 1, 1, 1)).to(self.conv.weight.dtype)
-        if self.fake_quant:
-            weight = fake_quantize_weight(weight, self.weight_scale(weight), *self.weight_range)
+        weight, _ = fold_into_output(self.conv.weight, None, scale, torch.zeros_like(scale))
         shape = (1, -1, 1, 1)
-        y = self.conv._conv_forward(x, weight, None) / scale.to(x.dtype).view(shape)
+        y = self.conv._conv_forward(x, self.rounded(weight), None) / scale.to(x.dtype).view(shape)
         if self.conv.bias is not None:
             y = y + self.conv.bias.view(shape)
         return self.bn(self.pool(y))
