@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -70,9 +71,9 @@ _correct_combine = syncbn.combine_statistics
 
 
 def _reduced_in_bf16(counts, means, variances):
-    """A deliberately wrong sync BN under autocast: combines the statistics in bf16."""
-    total, mean, var = _correct_combine(counts.bfloat16(), means.bfloat16(), variances.bfloat16())
-    return total.float(), mean.float(), var.float()
+    """A deliberately wrong sync BN under autocast: combines the statistics (NumPy rows) in bf16."""
+    bf16 = [torch.from_numpy(np.ascontiguousarray(a)).bfloat16() for a in (counts, means, variances)]
+    return tuple(t.float().numpy() for t in _correct_combine(*bf16))
 
 
 MUTATIONS = {"unbiased-normaliser": _biased_in_wrong_place, "bf16-statistics": _reduced_in_bf16}

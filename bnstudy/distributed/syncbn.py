@@ -9,6 +9,9 @@ backward, doing the elementwise work with the native batch-norm kernels.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -19,16 +22,19 @@ from bnstudy.distributed.collectives import syncbn_all_reduce, world_group_for_s
 __all__ = ["SyncBatchNorm", "BatchNormXd", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
 _ACCELERATORS = ("cuda", "xpu", "hpu")
+_Array = TypeVar("_Array", np.ndarray, Tensor)
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_TORCH_DTYPES = {np.dtype(v): k for k, v in _NUMPY_DTYPES.items()}
 
 
-def combine_statistics(counts: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def combine_statistics(counts: _Array, means: _Array, variances: _Array) -> tuple[_Array, _Array, _Array]:
     """Merge per-rank (count, mean, biased variance) rows into global ones (Chan et al.'s parallel formula).
 
-    ``counts`` has shape (K,), ``means`` and ``variances`` (K, C). Returns the global count, mean and biased
-    variance. Combining centred moments avoids the cancellation of E[x²] − E[x]².
+    ``counts`` has shape (K,), ``means`` and ``variances`` (K, C); NumPy arrays or tensors alike. Returns the global
+    count, mean and biased variance. Combining centred moments avoids the cancellation of E[x²] − E[x]².
     """
     total = counts.sum()
-    weights = (counts / total.clamp(min=1)).unsqueeze(1)
+    weights = counts[:, None] / max(total, 1)
     mean = (weights * means).sum(0)
     var = (weights * (variances + (means - mean) ** 2)).sum(0)
     return total, mean, var
@@ -38,40 +44,36 @@ def _channel_shape(x: Tensor) -> list[int]:
     return [1, -1] + [1] * (x.dim() - 2)
 
 
+# The per-channel arithmetic between the big passes runs in NumPy: a few hundred floats, where each torch op's
+# dispatch (5-10 µs here) costs more than its work and, summed over ~40 ops a layer, more than the exchanges.
 class _CpuSyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, process_group, world_size):
         channels = x.shape[1]
         count = x.numel() // channels if channels else 0
-        # Statistics in fp32 for bf16/fp16 input under autocast, as nn.BatchNorm keeps them: the native kernel
-        # reduces in the dtype of the running buffers it is handed. Momentum 0 leaves those scratch buffers as they
-        # are; the kernel computes only the statistics, without the normalised output (half the memory traffic).
-        local_mean = torch.zeros(channels, dtype=_statistics_dtype(x))
-        local_var = torch.ones(channels, dtype=_statistics_dtype(x))
-        if count > 0:
-            local_mean, local_var = torch.batch_norm_update_stats(x, local_mean, local_var, 0.0)
-        else:
-            local_var.zero_()
+        stats_dtype = _statistics_dtype(x)
         # Each rank fills its own row and one all-reduce assembles the table (an all-gather on every backend).
-        rows = local_mean.new_zeros(world_size, 1 + 2 * channels)
-        rows[dist.get_rank(process_group)] = torch.cat(
-            [local_mean.new_tensor([float(count)]), local_mean, local_var.clamp(min=0)]
-        )
-        syncbn_all_reduce(rows, process_group)
+        rows = np.zeros((world_size, 1 + 2 * channels), dtype=_NUMPY_DTYPES[stats_dtype])
+        if count > 0:
+            row = rows[dist.get_rank(process_group)]
+            row[0] = count
+            local_mean, local_var = _local_statistics(x, stats_dtype)
+            row[1 : 1 + channels] = local_mean.numpy()
+            row[1 + channels :] = local_var.numpy()
+        syncbn_all_reduce(torch.from_numpy(rows), process_group)
         total, mean, var = combine_statistics(rows[:, 0], rows[:, 1 : 1 + channels], rows[:, 1 + channels :])
-        total = int(total.item())
+        total = int(total)
         if total <= 1:
             raise ValueError(
                 f"SyncBatchNorm needs more than 1 value per channel across all ranks when training, got {total}"
             )
         if running_mean is not None:
-            with torch.no_grad():
-                running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-                running_var.mul_(1 - momentum).add_(var * (total / (total - 1)), alpha=momentum)
-        invstd = torch.rsqrt(var + eps)
+            _update_running(running_mean, mean, momentum)
+            _update_running(running_var, var * (total / (total - 1)), momentum)
         # Eval-mode native batch norm normalises with given statistics in one elementwise pass.
-        out = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
-        ctx.save_for_backward(x, weight, mean, invstd)
+        out = torch.batch_norm(x, weight, bias, torch.from_numpy(mean), torch.from_numpy(var), False, 0.0, eps, False)
+        ctx.save_for_backward(x, weight)
+        ctx.mean, ctx.invstd = mean, 1 / np.sqrt(var + eps)
         ctx.total = total
         ctx.eps = eps
         ctx.process_group = process_group
@@ -79,29 +81,69 @@ class _CpuSyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
+        mean, invstd = ctx.mean, ctx.invstd
         grad_out = grad_out.contiguous(memory_format=_memory_format(x))
         channels = x.shape[1]
         if x.numel() > 0:
             _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-                grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True]
+                grad_out,
+                x,
+                weight,
+                None,
+                None,
+                torch.from_numpy(mean),
+                torch.from_numpy(invstd),
+                True,
+                ctx.eps,
+                [False, True, True],
             )
+            sums = np.concatenate([_as_numpy(grad_bias, mean.dtype), _as_numpy(grad_weight, mean.dtype)])
         else:
-            grad_weight = mean.new_zeros(channels)
-            grad_bias = mean.new_zeros(channels)
-        sums = torch.cat([grad_bias, grad_weight])
-        syncbn_all_reduce(sums, ctx.process_group)
+            sums = np.zeros(2 * channels, dtype=mean.dtype)
+            grad_weight, grad_bias = (torch.zeros(channels, dtype=_TORCH_DTYPES[sums.dtype]) for _ in range(2))
+        syncbn_all_reduce(torch.from_numpy(sums), ctx.process_group)
         sum_dy, sum_dy_xhat = sums[:channels], sums[channels:]
-        scale = invstd if weight is None else weight * invstd
+        scale = invstd if weight is None else _as_numpy(weight.detach(), mean.dtype) * invstd
         # dx = scale * (dy - sum_dy/N - xhat * sum_dy_xhat/N) = scale*dy + k_x*x + k_0
         k_x = -scale * invstd * sum_dy_xhat / ctx.total
         k_0 = -scale * sum_dy / ctx.total - k_x * mean
-        ones = torch.ones_like(mean)
-        grad_in = torch.batch_norm(x, k_x, k_0, torch.zeros_like(mean), ones, False, 0.0, 0.0, False)
-        grad_in.addcmul_(grad_out, scale.view(_channel_shape(x)))
+        affine = [torch.from_numpy(v) for v in (k_x, k_0, np.zeros_like(mean), np.ones_like(mean))]
+        grad_in = torch.batch_norm(x, *affine, False, 0.0, 0.0, False)
+        grad_in.addcmul_(grad_out, torch.from_numpy(scale).view(_channel_shape(x)))
         if weight is None:
             return grad_in, None, None, None, None, None, None, None, None
         return grad_in, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _local_statistics(x: Tensor, stats_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """This rank's per-channel mean and biased variance, in ``stats_dtype``, with one statistics-only pass.
+
+    For bf16/fp16 input under autocast the statistics stay fp32, as nn.BatchNorm keeps them: the native kernel
+    reduces in the dtype of the running buffers it is handed (momentum 0 leaves those scratch buffers as they are).
+    """
+    if x.dtype == stats_dtype:
+        return torch.batch_norm_update_stats(x, None, None, 0.0)
+    channels = x.shape[1]
+    return torch.batch_norm_update_stats(
+        x, torch.zeros(channels, dtype=stats_dtype), torch.ones(channels, dtype=stats_dtype), 0.0
+    )
+
+
+def _update_running(running: Tensor, batch: np.ndarray, momentum: float) -> None:
+    """running ← (1 − momentum)·running + momentum·batch, in NumPy where the buffer is CPU float32/float64."""
+    if running.device.type == "cpu" and running.dtype is _TORCH_DTYPES.get(batch.dtype):
+        values = running.numpy()
+        values *= 1 - momentum
+        values += momentum * batch
+    else:
+        with torch.no_grad():
+            running.mul_(1 - momentum).add_(torch.from_numpy(batch).to(running.device), alpha=momentum)
+
+
+def _as_numpy(t: Tensor, dtype: np.dtype) -> np.ndarray:
+    """``t`` as a NumPy array of ``dtype`` (a copy only when the dtype differs, e.g. bf16 gradients)."""
+    return t.numpy() if t.dtype is _TORCH_DTYPES[dtype] else t.to(_TORCH_DTYPES[dtype]).numpy()
 
 
 def _statistics_dtype(x: Tensor) -> torch.dtype:
