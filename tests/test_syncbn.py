@@ -276,3 +276,13 @@ def test_convert_and_revert_keep_parameters_buffers_and_flags():
 def test_rejects_wrong_input_rank():
     with pytest.raises(ValueError, match="2D to 5D"):
         SyncBatchNorm(3)(torch.randn(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_running_statistics_update_matches_batchnorm_formula(dtype):
+    """The running-statistics update (NumPy in place for float buffers, torch otherwise) is BN's EMA."""
+    running = torch.linspace(-1.0, 2.0, 6, dtype=dtype)
+    batch = np.linspace(0.5, 3.0, 6, dtype=np.float64 if dtype == torch.float64 else np.float32)
+    expected = (0.9 * running.double() + 0.1 * torch.from_numpy(batch).double()).to(dtype)
+    syncbn._update_running(running, batch, 0.1)
+    torch.testing.assert_close(running, expected)

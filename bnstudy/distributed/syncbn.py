@@ -86,22 +86,15 @@ class _CpuSyncBatchNormFunction(torch.autograd.Function):
         grad_out = grad_out.contiguous(memory_format=_memory_format(x))
         channels = x.shape[1]
         if x.numel() > 0:
+            statistics = (torch.from_numpy(mean), torch.from_numpy(invstd))
             _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-                grad_out,
-                x,
-                weight,
-                None,
-                None,
-                torch.from_numpy(mean),
-                torch.from_numpy(invstd),
-                True,
-                ctx.eps,
-                [False, True, True],
+                grad_out, x, weight, None, None, *statistics, True, ctx.eps, [False, True, True]
             )
             sums = np.concatenate([_as_numpy(grad_bias, mean.dtype), _as_numpy(grad_weight, mean.dtype)])
         else:
             sums = np.zeros(2 * channels, dtype=mean.dtype)
-            grad_weight, grad_bias = (torch.zeros(channels, dtype=_TORCH_DTYPES[sums.dtype]) for _ in range(2))
+            grad_weight = torch.zeros(channels, dtype=_TORCH_DTYPES[sums.dtype])
+            grad_bias = torch.zeros_like(grad_weight)
         syncbn_all_reduce(torch.from_numpy(sums), ctx.process_group)
         sum_dy, sum_dy_xhat = sums[:channels], sums[channels:]
         scale = invstd if weight is None else _as_numpy(weight.detach(), mean.dtype) * invstd
