@@ -112,8 +112,9 @@ def test_unreachable_server_falls_back_to_synthetic_quickly_and_leaves_nothing(n
 
 
 def test_probe_gives_up_within_its_timeout(monkeypatch):
-    def hang(*args, **kwargs):
+    def hang(*args, **kwargs):  # a name lookup that never answers in time; then fails as a socket would
         time.sleep(30)
+        raise TimeoutError("timed out")
 
     monkeypatch.setattr(data_mod.socket, "create_connection", hang)
     start = time.perf_counter()
