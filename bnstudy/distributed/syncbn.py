@@ -24,7 +24,6 @@ __all__ = ["SyncBatchNorm", "BatchNormXd", "convert_sync_batchnorm", "revert_syn
 _ACCELERATORS = ("cuda", "xpu", "hpu")
 _Array = TypeVar("_Array", np.ndarray, Tensor)
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
-_TORCH_DTYPES = {np.dtype(v): k for k, v in _NUMPY_DTYPES.items()}
 
 
 def combine_statistics(counts: _Array, means: _Array, variances: _Array) -> tuple[_Array, _Array, _Array]:
@@ -83,21 +82,20 @@ class _CpuSyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         mean, invstd = ctx.mean, ctx.invstd
+        mean_t, invstd_t = torch.from_numpy(mean), torch.from_numpy(invstd)
         grad_out = grad_out.contiguous(memory_format=_memory_format(x))
         channels = x.shape[1]
         if x.numel() > 0:
-            statistics = (torch.from_numpy(mean), torch.from_numpy(invstd))
             _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-                grad_out, x, weight, None, None, *statistics, True, ctx.eps, [False, True, True]
+                grad_out, x, weight, None, None, mean_t, invstd_t, True, ctx.eps, [False, True, True]
             )
-            sums = np.concatenate([_as_numpy(grad_bias, mean.dtype), _as_numpy(grad_weight, mean.dtype)])
         else:
-            sums = np.zeros(2 * channels, dtype=mean.dtype)
-            grad_weight = torch.zeros(channels, dtype=_TORCH_DTYPES[sums.dtype])
-            grad_bias = torch.zeros_like(grad_weight)
-        syncbn_all_reduce(torch.from_numpy(sums), ctx.process_group)
-        sum_dy, sum_dy_xhat = sums[:channels], sums[channels:]
-        scale = invstd if weight is None else _as_numpy(weight.detach(), mean.dtype) * invstd
+            grad_weight, grad_bias = torch.zeros_like(mean_t), torch.zeros_like(mean_t)
+        # .to(dtype) is the tensor itself unless it is reduced precision (bf16 gradients of an affine=False layer).
+        sums = torch.cat([grad_bias, grad_weight]).to(mean_t.dtype)
+        syncbn_all_reduce(sums, ctx.process_group)
+        sum_dy, sum_dy_xhat = sums.numpy()[:channels], sums.numpy()[channels:]
+        scale = invstd if weight is None else weight.detach().to(mean_t.dtype).numpy() * invstd
         # dx = scale * (dy - sum_dy/N - xhat * sum_dy_xhat/N) = scale*dy + k_x*x + k_0
         k_x = -scale * invstd * sum_dy_xhat / ctx.total
         k_0 = -scale * sum_dy / ctx.total - k_x * mean
@@ -125,18 +123,14 @@ def _local_statistics(x: Tensor, stats_dtype: torch.dtype) -> tuple[Tensor, Tens
 
 def _update_running(running: Tensor, batch: np.ndarray, momentum: float) -> None:
     """running ← (1 − momentum)·running + momentum·batch, in NumPy where the buffer is CPU float32/float64."""
-    if running.device.type == "cpu" and running.dtype is _TORCH_DTYPES.get(batch.dtype):
+    batch_t = torch.from_numpy(batch)
+    if running.device.type == "cpu" and running.dtype == batch_t.dtype:
         values = running.numpy()
         values *= 1 - momentum
         values += momentum * batch
     else:
         with torch.no_grad():
-            running.mul_(1 - momentum).add_(torch.from_numpy(batch).to(running.device), alpha=momentum)
-
-
-def _as_numpy(t: Tensor, dtype: np.dtype) -> np.ndarray:
-    """``t`` as a NumPy array of ``dtype`` (a copy only when the dtype differs, e.g. bf16 gradients)."""
-    return t.numpy() if t.dtype is _TORCH_DTYPES[dtype] else t.to(_TORCH_DTYPES[dtype]).numpy()
+            running.mul_(1 - momentum).add_(batch_t.to(running.device), alpha=momentum)
 
 
 def _statistics_dtype(x: Tensor) -> torch.dtype:
