@@ -55,6 +55,7 @@ def _timeout_s() -> float:
 
 
 _transports: dict[dist.ProcessGroup, ShmAllReduce | None] = {}
+_UNCHOSEN = object()
 
 
 def select_transport(group: dist.ProcessGroup, requested: str | None = None) -> str:
@@ -77,8 +78,10 @@ def select_transport(group: dist.ProcessGroup, requested: str | None = None) -> 
 
 def syncbn_all_reduce(tensor: Tensor, group: dist.ProcessGroup) -> None:
     """In-place sum over ``group`` for sync BN, over the group's transport (chosen on first use)."""
-    select_transport(group)
-    transport = _transports.get(group)
+    transport = _transports.get(group, _UNCHOSEN)
+    if transport is _UNCHOSEN:
+        select_transport(group)
+        transport = _transports.get(group)
     if transport is not None:
         transport.all_reduce(tensor)
         return

@@ -33,14 +33,11 @@ def combine_statistics(counts: _Array, means: _Array, variances: _Array) -> tupl
     count, mean and biased variance. Combining centred moments avoids the cancellation of E[x²] − E[x]².
     """
     total = counts.sum()
-    weights = counts[:, None] / max(total, 1)
-    mean = (weights * means).sum(0)
-    var = (weights * (variances + (means - mean) ** 2)).sum(0)
+    weights = counts / max(total, 1)
+    mean = weights @ means
+    deviations = means - mean
+    var = weights @ (variances + deviations * deviations)
     return total, mean, var
-
-
-def _channel_shape(x: Tensor) -> list[int]:
-    return [1, -1] + [1] * (x.dim() - 2)
 
 
 # The per-channel arithmetic between the big passes runs in NumPy: a few hundred floats, where each torch op's
@@ -69,10 +66,12 @@ class _CpuSyncBatchNormFunction(torch.autograd.Function):
         if running_mean is not None:
             _update_running(running_mean, mean, momentum)
             _update_running(running_var, var * (total / (total - 1)), momentum)
+        mean_t = torch.from_numpy(mean)
         # Eval-mode native batch norm normalises with given statistics in one elementwise pass.
-        out = torch.batch_norm(x, weight, bias, torch.from_numpy(mean), torch.from_numpy(var), False, 0.0, eps, False)
+        out = torch.batch_norm(x, weight, bias, mean_t, torch.from_numpy(var), False, 0.0, eps, False)
         ctx.save_for_backward(x, weight)
         ctx.mean, ctx.invstd = mean, 1 / np.sqrt(var + eps)
+        ctx.mean_t = mean_t
         ctx.total = total
         ctx.eps = eps
         ctx.process_group = process_group
@@ -81,13 +80,12 @@ class _CpuSyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        mean, invstd = ctx.mean, ctx.invstd
-        mean_t, invstd_t = torch.from_numpy(mean), torch.from_numpy(invstd)
+        mean, invstd, mean_t = ctx.mean, ctx.invstd, ctx.mean_t
         grad_out = grad_out.contiguous(memory_format=_memory_format(x))
         channels = x.shape[1]
         if x.numel() > 0:
             _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-                grad_out, x, weight, None, None, mean_t, invstd_t, True, ctx.eps, [False, True, True]
+                grad_out, x, weight, None, None, mean_t, torch.from_numpy(invstd), True, ctx.eps, [False, True, True]
             )
         else:
             grad_weight, grad_bias = torch.zeros_like(mean_t), torch.zeros_like(mean_t)
@@ -96,12 +94,13 @@ class _CpuSyncBatchNormFunction(torch.autograd.Function):
         syncbn_all_reduce(sums, ctx.process_group)
         sum_dy, sum_dy_xhat = sums.numpy()[:channels], sums.numpy()[channels:]
         scale = invstd if weight is None else weight.detach().to(mean_t.dtype).numpy() * invstd
-        # dx = scale * (dy - sum_dy/N - xhat * sum_dy_xhat/N) = scale*dy + k_x*x + k_0
+        # dx = scale * (dy - sum_dy/N - xhat * sum_dy_xhat/N) = scale*dy + k_x*x + k_0, two elementwise passes
         k_x = -scale * invstd * sum_dy_xhat / ctx.total
         k_0 = -scale * sum_dy / ctx.total - k_x * mean
-        affine = [torch.from_numpy(v) for v in (k_x, k_0, np.zeros_like(mean), np.ones_like(mean))]
-        grad_in = torch.batch_norm(x, *affine, False, 0.0, 0.0, False)
-        grad_in.addcmul_(grad_out, torch.from_numpy(scale).view(_channel_shape(x)))
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        grad_in = torch.addcmul(torch.from_numpy(k_0.reshape(shape)), x, torch.from_numpy(k_x.reshape(shape)))
+        grad_in.addcmul_(grad_out, torch.from_numpy(scale.reshape(shape)))
+        grad_in = grad_in.to(x.dtype)  # computed in the statistics dtype, rounded once for bf16 input
         if weight is None:
             return grad_in, None, None, None, None, None, None, None, None
         return grad_in, grad_weight, grad_bias, None, None, None, None, None, None
@@ -123,14 +122,13 @@ def _local_statistics(x: Tensor, stats_dtype: torch.dtype) -> tuple[Tensor, Tens
 
 def _update_running(running: Tensor, batch: np.ndarray, momentum: float) -> None:
     """running ← (1 − momentum)·running + momentum·batch, in NumPy where the buffer is CPU float32/float64."""
-    batch_t = torch.from_numpy(batch)
-    if running.device.type == "cpu" and running.dtype == batch_t.dtype:
+    if running.is_cpu and _NUMPY_DTYPES.get(running.dtype) is batch.dtype.type:
         values = running.numpy()
         values *= 1 - momentum
         values += momentum * batch
     else:
         with torch.no_grad():
-            running.mul_(1 - momentum).add_(batch_t.to(running.device), alpha=momentum)
+            running.mul_(1 - momentum).add_(torch.from_numpy(batch).to(running.device), alpha=momentum)
 
 
 def _statistics_dtype(x: Tensor) -> torch.dtype:
