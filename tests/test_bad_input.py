@@ -380,6 +380,13 @@ def test_a_bad_syncbn_transport_is_refused_before_the_process_group(shared, tmp_
     assert_refused(train_main, f"{SMALL} --norm syncbn", "", expected, shared, tmp_path, capsys, monkeypatch)
 
 
+def test_a_bad_syncbn_kernels_choice_is_refused_before_the_process_group(shared, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BNSTUDY_SYNCBN_KERNELS", "fortran")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    expected = "BNSTUDY_SYNCBN_KERNELS='fortran' is not a choice; use one of auto, compiled, python"
+    assert_refused(train_main, f"{SMALL} --norm syncbn", "", expected, shared, tmp_path, capsys, monkeypatch)
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 @pytest.mark.parametrize("writer", ["bnstudy.io", "deploy.edge"])
 def test_atomic_writes_get_the_permissions_the_umask_gives(writer, umask, mode, tmp_path):

@@ -12,16 +12,20 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import bnstudy.distributed.syncbn as syncbn
+import bnstudy.distributed.syncbn_math as syncbn_math
 from bnstudy.distributed.collectives import TRANSPORT_ENV, select_transport, world_group_for_syncbn
 from bnstudy.distributed.process_group import spawn_gloo
 from bnstudy.distributed.shm_allreduce import fast_path_supported
 from bnstudy.distributed.syncbn import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from bnstudy.distributed.syncbn_kernels import KERNELS_ENV, cpu_kernels
 from bnstudy.models import seed_cnn
 
 C = 3
 # Both sync-BN transports where this CPU has the shared-memory one (x86-64); gloo alone elsewhere.
 TRANSPORTS_HERE = ["gloo", "shm"] if fast_path_supported() else ["gloo"]
+# Both builds of the per-layer arithmetic where the compiled one builds (tests/test_syncbn_kernels.py checks that
+# it does wherever a compiler is), with each transport.
+KERNELS_HERE = ["python", "compiled"] if cpu_kernels().name == "compiled" else ["python"]
 SHAPES = {"bn1d-2d": (), "bn1d-3d": (5,), "bn2d": (4, 3), "bn3d": (2, 3, 2)}
 PLAIN = {"bn1d-2d": nn.BatchNorm1d, "bn1d-3d": nn.BatchNorm1d, "bn2d": nn.BatchNorm2d, "bn3d": nn.BatchNorm3d}
 # (layer, per-rank batch sizes, options)
@@ -67,7 +71,7 @@ def _biased_in_wrong_place(counts, means, variances):
     return total, mean, var * total / (total - 1)
 
 
-_correct_combine = syncbn.combine_statistics
+_correct_combine = syncbn_math.combine_statistics
 
 
 def _reduced_in_bf16(counts, means, variances):
@@ -80,11 +84,20 @@ MUTATIONS = {"unbiased-normaliser": _biased_in_wrong_place, "bf16-statistics": _
 
 
 def _run_cases(
-    rank: int, world_size: int, cases: list, out: str, mutate: str | None, transport: str = "auto", bf16: bool = False
+    rank: int,
+    world_size: int,
+    cases: list,
+    out: str,
+    mutate: str | None,
+    transport: str = "auto",
+    bf16: bool = False,
+    kernels: str = "auto",
 ) -> None:
     os.environ[TRANSPORT_ENV] = transport
-    if mutate:
-        syncbn.combine_statistics = MUTATIONS[mutate]
+    os.environ[KERNELS_ENV] = kernels
+    if mutate:  # a mutation of the reference arithmetic, which the compiled kernels do not call
+        os.environ[KERNELS_ENV] = "python"
+        syncbn_math.combine_statistics = MUTATIONS[mutate]
     results = []
     for index, (layer, sizes, options) in enumerate(cases):
         bn = SyncBatchNorm(C, **options)
@@ -111,6 +124,7 @@ def _run_cases(
         results.append({"steps": steps, "state": state})
     torch.save(results, f"{out}/rank{rank}.pt")
     (Path(out) / f"transport{rank}.txt").write_text(select_transport(world_group_for_syncbn()))
+    (Path(out) / f"kernels{rank}.txt").write_text(cpu_kernels().name)
 
 
 def _reference(layer: str, sizes: tuple[int, ...], options: dict, index: int, bf16: bool = False) -> dict:
@@ -175,12 +189,14 @@ def compare(cases: list, world_size: int, out, bf16: bool = False) -> list[str]:
     return problems
 
 
+@pytest.mark.parametrize("kernels", KERNELS_HERE)
 @pytest.mark.parametrize("transport", TRANSPORTS_HERE)
 @pytest.mark.parametrize("world_size,cases", [(2, CASES_2), (3, CASES_3)], ids=["2-ranks", "3-ranks"])
-def test_sync_bn_equals_bn_on_concatenated_batch(world_size, cases, transport, tmp_path):
-    spawn_gloo(_run_cases, world_size, cases, str(tmp_path), None, transport)
+def test_sync_bn_equals_bn_on_concatenated_batch(world_size, cases, transport, kernels, tmp_path):
+    spawn_gloo(_run_cases, world_size, cases, str(tmp_path), None, transport, False, kernels)
     assert compare(cases, world_size, tmp_path) == []
     assert {(tmp_path / f"transport{r}.txt").read_text() for r in range(world_size)} == {transport}
+    assert {(tmp_path / f"kernels{r}.txt").read_text() for r in range(world_size)} == {kernels}
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS_HERE)
@@ -201,10 +217,11 @@ BF16_CASES_2 = [
 BF16_CASES_3 = [("bn2d", (2, 3, 4), {}), ("bn3d", (1, 2, 2), {})]
 
 
+@pytest.mark.parametrize("kernels", KERNELS_HERE)
 @pytest.mark.parametrize("transport", TRANSPORTS_HERE)
 @pytest.mark.parametrize("world_size,cases", [(2, BF16_CASES_2), (3, BF16_CASES_3)], ids=["2-ranks", "3-ranks"])
-def test_sync_bn_under_bf16_autocast_equals_bn_under_autocast(world_size, cases, transport, tmp_path):
-    spawn_gloo(_run_cases, world_size, cases, str(tmp_path), None, transport, True)
+def test_sync_bn_under_bf16_autocast_equals_bn_under_autocast(world_size, cases, transport, kernels, tmp_path):
+    spawn_gloo(_run_cases, world_size, cases, str(tmp_path), None, transport, True, kernels)
     assert compare(cases, world_size, tmp_path, bf16=True) == []
     y = torch.load(tmp_path / "rank0.pt", weights_only=True)[0]["steps"][0]["y"]
     assert y.dtype == torch.bfloat16  # the output dtype nn.BatchNorm gives under CPU autocast
@@ -284,5 +301,5 @@ def test_running_statistics_update_matches_batchnorm_formula(dtype):
     running = torch.linspace(-1.0, 2.0, 6, dtype=dtype)
     batch = np.linspace(0.5, 3.0, 6, dtype=np.float64 if dtype == torch.float64 else np.float32)
     expected = (0.9 * running.double() + 0.1 * torch.from_numpy(batch).double()).to(dtype)
-    syncbn._update_running(running, batch, 0.1)
+    syncbn_math.update_running(running, batch, 0.1)
     torch.testing.assert_close(running, expected)

@@ -189,12 +189,15 @@ def _with_source_model(config: TrainConfig, given: dict[str, Any]) -> TrainConfi
 
 
 def _validate(config: TrainConfig, world_size: int) -> None:
-    """The config's checks, and the environment's that this run depends on (BNSTUDY_SYNCBN_TRANSPORT)."""
+    """The config's checks, and the environment's that this run depends on (BNSTUDY_SYNCBN_TRANSPORT and
+    BNSTUDY_SYNCBN_KERNELS)."""
     config.validate(world_size)
     if config.norm == "syncbn":
         from bnstudy.distributed.collectives import requested_transport
+        from bnstudy.distributed.syncbn_kernels import requested_kernels
 
         requested_transport()
+        requested_kernels()
 
 
 def _env_int(name: str, default: int) -> int:

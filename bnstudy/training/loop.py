@@ -27,6 +27,7 @@ from bnstudy.data import to_model_input
 from bnstudy.distributed.bn_statistics import bn_layers, bn_statistics_report, sync_bn_buffers
 from bnstudy.distributed.collectives import select_transport, world_group_for_syncbn
 from bnstudy.distributed.process_group import DistEnv, all_reduce_sum, main_print
+from bnstudy.distributed.syncbn_kernels import cpu_kernels
 from bnstudy.edge.qat import freeze_bn_statistics, prepare_qat
 from bnstudy.errors import UserError, first_line
 from bnstudy.models import create_model
@@ -295,7 +296,15 @@ def syncbn_transport(config: TrainConfig, env: DistEnv) -> str | None:
     return select_transport(world_group_for_syncbn())
 
 
-def environment_info(env: DistEnv, transport: str | None, precision: Precision) -> dict:
+def syncbn_kernels(config: TrainConfig, env: DistEnv) -> str | None:
+    """Which build of CPU sync BN's arithmetic this run uses, "compiled" or "python" (chosen, and built on first
+    use, here before training rather than in the first step), or None without CPU sync BN across processes."""
+    if config.norm != "syncbn" or not env.distributed or env.device.type != "cpu":
+        return None
+    return cpu_kernels().name
+
+
+def environment_info(env: DistEnv, transport: str | None, kernels: str | None, precision: Precision) -> dict:
     return {
         **precision.record(),
         "bnstudy": __version__,
@@ -307,6 +316,7 @@ def environment_info(env: DistEnv, transport: str | None, precision: Precision) 
         "threads_per_process": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
         "syncbn_transport": transport,
+        "syncbn_kernels": kernels,
     }
 
 
@@ -324,13 +334,16 @@ def train(config: TrainConfig, env: DistEnv, resume_from: dict | None = None) ->
     if resume_from is not None:
         main_print(f"resuming {out} after epoch {trainer.start_epoch} of {config.epochs}")
     transport = syncbn_transport(config, env)
+    kernels = syncbn_kernels(config, env)
     run_config = checkpoint_config(config, trainer.data, env.world_size)
-    run_config |= environment_info(env, transport, trainer.precision)
+    run_config |= environment_info(env, transport, kernels, trainer.precision)
     writer = RunWriter(out, trainer.start_epoch, run_config) if env.is_main else None
     main_print(
         f"{config.model}/{config.norm} on {trainer.data.description}; {env.world_size} process(es), "
         f"{config.batch_size}/process, backend {env.backend or 'none'}, device {env.device}, "
-        f"precision {trainer.precision.describe()}" + (f", sync BN over {transport}" if transport else "")
+        f"precision {trainer.precision.describe()}"
+        + (f", sync BN over {transport}" if transport else "")
+        + (f" with {kernels} kernels" if kernels else "")
     )
     with removed_unless_checkpointed(out) if env.is_main else nullcontext():
         try:
