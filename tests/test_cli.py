@@ -48,7 +48,10 @@ def test_training_benchmarks_write_ratios(tmp_path):
         text=True,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(syncbn.read_text())["results"]
+    result = json.loads(syncbn.read_text())
+    assert result["syncbn_kernels"] in ("compiled", "python")
+    assert f"sync BN's CPU kernels: {result['syncbn_kernels']}\n" in done.stdout
+    rows = result["results"]
     assert [row["transport"] for row in rows] == list(transports_here())
     for row in rows:
         assert row["images_per_rank"] == 4 and row["ratio"] == row["syncbn_step_s"] / row["bn_step_s"] > 0

@@ -17,6 +17,7 @@ from bnstudy.distributed.collectives import select_transport
 from bnstudy.distributed.process_group import spawn_gloo
 from bnstudy.distributed.shm_allreduce import fast_path_supported
 from bnstudy.distributed.syncbn import convert_sync_batchnorm
+from bnstudy.distributed.syncbn_kernels import cpu_kernels, requested_kernels
 from bnstudy.errors import check_at_least
 from bnstudy.models import check_image_model, create_model
 from bnstudy.norms import check_norm_batch
@@ -51,7 +52,7 @@ def _worker(
         results[str(batch)] = times
     bar.close()
     if rank == 0:
-        Path(out).write_text(json.dumps(results))
+        Path(out).write_text(json.dumps({"kernels": cpu_kernels().name, "times": results}))
 
 
 def check_syncbn_options(
@@ -60,6 +61,7 @@ def check_syncbn_options(
     """Refuse options the workers would fail on, before any process is spawned."""
     check_image_model(model)
     check_precision(precision, "cpu")
+    requested_kernels()
     for name, value in (("--steps", steps), ("--rounds", rounds), ("world size", world_size)):
         check_at_least(name, value, 1)
     for batch in batches:
@@ -82,7 +84,7 @@ def benchmark_syncbn(
         spawn_gloo(_worker, world_size, model, list(batches), steps, rounds, precision, str(raw_path), threads=1)
         raw = json.loads(raw_path.read_text())
     rows = []
-    for batch, times in raw.items():
+    for batch, times in raw["times"].items():
         bn = statistics.median(times["bn"])
         for transport in transports_here():
             sync = statistics.median(times[transport])
@@ -102,6 +104,7 @@ def benchmark_syncbn(
         "precision": resolve_precision(precision, torch.device("cpu")).name,
         "threads_per_rank": 1,
         "backend": "gloo",
+        "syncbn_kernels": raw["kernels"],
         "torch": torch.__version__,
         "results": rows,
     }

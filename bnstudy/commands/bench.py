@@ -61,6 +61,7 @@ def run_syncbn(args: argparse.Namespace) -> int:
 
     check_writable(args.out)
     result = benchmark_syncbn(args.model, tuple(args.batches), args.steps, args.rounds, precision=args.precision)
+    print(f"sync BN's CPU kernels: {result['syncbn_kernels']}")
     print(f"{'images/rank':>11}  {'transport':>9}  {'bn step (ms)':>12}  {'syncbn step (ms)':>16}  {'ratio':>6}")
     for row in result["results"]:
         print(
