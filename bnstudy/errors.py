@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Iterable
 
 
@@ -47,6 +48,15 @@ def check_choice(option: str, value: str, choices: Iterable[str]) -> None:
     choices = tuple(choices)
     if value not in choices:
         raise UserError(f"unknown {option} {value!r}; choose one of {', '.join(choices)}")
+
+
+def env_choice(name: str, choices: tuple[str, ...], what: str) -> str:
+    """The value of environment variable ``name`` (case and spaces ignored; unset or empty: the first choice),
+    refused in one line unless it is one of ``choices``."""
+    value = os.environ.get(name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise UserError(f"{name}={value!r} is not {what}; use one of {', '.join(choices)}")
+    return value
 
 
 class UsageError(UserError):

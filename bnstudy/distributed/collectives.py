@@ -22,7 +22,7 @@ from bnstudy.distributed.shm_allreduce import (
     fast_path_supported,
     ranks_share_host,
 )
-from bnstudy.errors import UserError
+from bnstudy.errors import UserError, env_choice
 
 # Any record_function label starting with this counts as BN synchronisation in trace attribution.
 SYNCBN_LABEL_PREFIX = "bnstudy.syncbn."
@@ -35,10 +35,7 @@ TRANSPORTS = ("auto", "shm", "gloo")
 
 def requested_transport() -> str:
     """The transport ``BNSTUDY_SYNCBN_TRANSPORT`` asks for (default auto); a one-line error for anything else."""
-    value = os.environ.get(TRANSPORT_ENV, "auto").strip().lower() or "auto"
-    if value not in TRANSPORTS:
-        raise UserError(f"{TRANSPORT_ENV}={value!r} is not a transport; use one of {', '.join(TRANSPORTS)}")
-    return value
+    return env_choice(TRANSPORT_ENV, TRANSPORTS, "a transport")
 
 
 def _timeout_s() -> float:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from bnstudy.distributed import syncbn_math
-from bnstudy.errors import UserError, first_line
+from bnstudy.errors import UserError, env_choice, first_line
 
 __all__ = ["KERNELS_ENV", "KERNEL_CHOICES", "CpuKernels", "cpu_kernels", "requested_kernels"]
 
@@ -50,10 +50,7 @@ _chosen: dict[str, CpuKernels] = {}
 
 def requested_kernels() -> str:
     """The build ``BNSTUDY_SYNCBN_KERNELS`` asks for (default auto); a one-line error for anything else."""
-    value = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
-    if value not in KERNEL_CHOICES:
-        raise UserError(f"{KERNELS_ENV}={value!r} is not a choice; use one of {', '.join(KERNEL_CHOICES)}")
-    return value
+    return env_choice(KERNELS_ENV, KERNEL_CHOICES, "a choice")
 
 
 def cpu_kernels() -> CpuKernels:
