@@ -33,13 +33,13 @@ class _CpuSyncBatchNormFunction(torch.autograd.Function):
         syncbn_all_reduce(rows, process_group)
         out, mean, invstd, total = kernels.normalise(rows, x, weight, bias, running_mean, running_var, eps, momentum)
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.total, ctx.eps, ctx.process_group = total, eps, process_group
+        ctx.kernels, ctx.total, ctx.eps, ctx.process_group = kernels, total, eps, process_group
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, mean, invstd = ctx.saved_tensors
-        kernels = cpu_kernels().functions
+        kernels = ctx.kernels
         sums, grad_weight, grad_bias, dy = kernels.gradient_sums(grad_out, x, weight, mean, invstd, ctx.eps)
         syncbn_all_reduce(sums, ctx.process_group)
         grad_in = kernels.input_gradient(dy, x, weight, mean, invstd, sums, ctx.total)

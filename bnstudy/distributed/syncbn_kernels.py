@@ -77,23 +77,30 @@ def _choose(requested: str) -> CpuKernels:
         return CpuKernels("python", syncbn_math, reason)
 
 
-def _build() -> ModuleType:
+def _build_directory() -> Path:
+    """Where this source, torch and Python ABI's build lives: one per combination, so a shared home directory never
+    loads a stale or foreign build. Its last component is the extension's module name."""
     # Importing the builder on a machine without CUDA logs a warning about a guessed CUDA_HOME: irrelevant here.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from torch.utils.cpp_extension import get_default_build_root, load
+    from torch.utils.cpp_extension import get_default_build_root
 
-    source = SOURCE.read_bytes()
-    # One build per source, torch and Python ABI, so a shared home directory never loads a stale or foreign one.
-    key = source + f"{torch.__version__} {sys.implementation.cache_tag} {platform.machine()}".encode()
+    key = SOURCE.read_bytes() + f"{torch.__version__} {sys.implementation.cache_tag} {platform.machine()}".encode()
     name = f"bnstudy_syncbn_cpu_{hashlib.sha256(key).hexdigest()[:12]}"
-    directory = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / "bnstudy" / name
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / "bnstudy" / name
+
+
+def _build() -> ModuleType:
+    directory = _build_directory()
+    from torch.utils.cpp_extension import load
+
+    # Concurrent builds (torchrun's ranks) wait on the builder's advisory file lock, which dies with its holder.
     directory.mkdir(parents=True, exist_ok=True)
-    if not (directory / f"{name}.so").exists() and _is_main_process():
+    if not (directory / f"{directory.name}.so").exists() and _is_main_process():
         print("bnstudy: building sync BN's CPU kernels (once, about a minute)", file=sys.stderr, flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return load(
-            name=name,
+            name=directory.name,
             sources=[str(SOURCE)],
             extra_cflags=["-O3"],
             build_directory=str(directory),

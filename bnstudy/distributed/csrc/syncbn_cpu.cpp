@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -19,7 +20,7 @@ std::vector<int64_t> channel_shape(const at::Tensor& x) {
   return shape;
 }
 
-bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 }  // namespace
 
@@ -50,9 +51,9 @@ at::Tensor statistics_table(const at::Tensor& x, int64_t rank, int64_t world_siz
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> normalise(
-    const at::Tensor& rows, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
-    const c10::optional<at::Tensor>& running_var, double eps, double momentum) {
+    const at::Tensor& rows, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, double eps, double momentum) {
   const int64_t world_size = rows.size(0);
   const int64_t channels = x.size(1);
   const auto table_rows = rows.contiguous();
@@ -102,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> normalise(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_sums(
-    const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
+    const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
     const at::Tensor& invstd, double eps) {
   auto dy = grad_out.contiguous(x.suggest_memory_format());
   at::Tensor grad_weight;
@@ -120,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_sums(
   return {sums, grad_weight, grad_bias, dy};
 }
 
-at::Tensor input_gradient(const at::Tensor& dy, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+at::Tensor input_gradient(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                           const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& sums, int64_t total) {
   const int64_t channels = x.size(1);
   auto scale = present(weight) ? weight->detach().to(mean.scalar_type()) * invstd : invstd;
