@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bnstudy.distributed.shm_allreduce import SHM_NAME_PREFIX, fast_path_supported
+from bnstudy.distributed.syncbn_kernels import cpu_kernels
 from tests.conftest import ROOT, TINY, free_port, torchrun
 
 pytestmark = pytest.mark.skipif(not fast_path_supported(), reason="the shared-memory transport needs x86-64")
@@ -31,7 +32,9 @@ def _jsonl(path: Path) -> list[dict]:
 def test_one_host_runs_sync_bn_over_shared_memory(two_rank_runs):
     config = json.loads((two_rank_runs["syncbn"] / "config.json").read_text())
     assert config["syncbn_transport"] == "shm"
-    assert json.loads((two_rank_runs["bn"] / "config.json").read_text())["syncbn_transport"] is None
+    assert config["syncbn_kernels"] == cpu_kernels().name  # the build this machine gives, recorded
+    bn_config = json.loads((two_rank_runs["bn"] / "config.json").read_text())
+    assert bn_config["syncbn_transport"] is None and bn_config["syncbn_kernels"] is None
 
 
 def test_two_jobs_at_once_and_forced_gloo_agree_with_shared_memory(tmp_path):
