@@ -15,26 +15,12 @@ from pathlib import Path
 import torch
 
 from bnstudy.errors import UserError, check_choice
+from bnstudy.machine import CPUINFO, cpu_flags
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # /proc/cpuinfo flags of native bf16 arithmetic on x86 (AVX512-BF16 dot products, AMX tiles)
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-CPUINFO = Path("/proc/cpuinfo")
-
-
-def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
-    """The CPU's feature flags as Linux reports them; empty where there is no /proc/cpuinfo."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags") and ":" in line:
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def bf16_capability(device: torch.device, cpuinfo: Path = CPUINFO) -> str:

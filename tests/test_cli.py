@@ -24,6 +24,7 @@ def test_training_benchmarks_write_ratios(tmp_path):
     import json
 
     from bnstudy.benchmarks.syncbn import transports_here
+    from bnstudy.machine import describe_machine, machine_line
 
     syncbn = tmp_path / "syncbn.json"
     done = subprocess.run(
@@ -36,11 +37,11 @@ def test_training_benchmarks_write_ratios(tmp_path):
             "--model",
             "seed-cnn",
             "--batches",
-            "4",
+            "8",
             "--steps",
             "2",
             "--rounds",
-            "1",
+            "2",
             "--out",
             str(syncbn),
         ],
@@ -51,10 +52,18 @@ def test_training_benchmarks_write_ratios(tmp_path):
     result = json.loads(syncbn.read_text())
     assert result["syncbn_kernels"] in ("compiled", "python")
     assert f"sync BN's CPU kernels: {result['syncbn_kernels']}\n" in done.stdout
+    assert result["machine"] == describe_machine()
+    assert done.stdout.startswith(machine_line(result["machine"]) + "\n")
     rows = result["results"]
     assert [row["transport"] for row in rows] == list(transports_here())
     for row in rows:
-        assert row["images_per_rank"] == 4 and row["ratio"] == row["syncbn_step_s"] / row["bn_step_s"] > 0
+        assert row["images_per_rank"] == 8 and row["ratio"] == row["syncbn_step_s"] / row["bn_step_s"] > 0
+        assert len(row["ratio_by_round"]) == 2 and min(row["ratio_by_round"]) > 0 and row["samples"] == 4
+        if row["transport"] == "shm":  # the targets are the shared-memory transport's
+            assert row["target"] == 1.05 and row["target_met"] == (row["ratio"] <= 1.05)
+            assert f"≤ 1.05 {'met' if row['target_met'] else 'NOT met'}" in done.stdout
+        else:
+            assert row["target"] is None and row["target_met"] is None
     assert rows[0]["bn_step_s"] == rows[-1]["bn_step_s"]  # one plain-BN measurement shared by the transports
 
     ddp = tmp_path / "ddp.json"
@@ -79,12 +88,15 @@ def test_training_benchmarks_write_ratios(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(ddp.read_text())
+    assert result["machine"] == describe_machine() and machine_line(result["machine"]) in done.stdout
     assert result["ratio"] == result["ddp_2x1_images_per_s"] / result["single_process_2_threads_images_per_s"] > 0
 
 
 def test_train_benchmark_compares_precisions_in_both_layouts(tmp_path):
     """Smoke test of ``bench train`` at toy size: every (layout, precision) is measured and the ratios are its own."""
     import json
+
+    from bnstudy.machine import describe_machine, machine_line
 
     out = tmp_path / "train.json"
     argv = ["bench", "train", "--model", "seed-cnn", "--global-batch", "16", "--steps", "1", "--rounds", "1"]
@@ -97,3 +109,27 @@ def test_train_benchmark_compares_precisions_in_both_layouts(tmp_path):
         fp32, bf16 = rows[processes, "fp32"], rows[processes, "bf16"]
         assert fp32["ratio_to_fp32"] == 1.0 and bf16["ratio_to_fp32"] == bf16["images_per_s"] / fp32["images_per_s"]
     assert result["bf16_capability"].split()[0] in ("native", "emulated")
+    assert result["machine"] == describe_machine() and done.stdout.startswith(machine_line(result["machine"]))
+
+
+def test_export_benchmark_names_the_machine_and_measures_every_variant(tmp_path):
+    """Smoke test of ``bench export --quick``: the numbers are meaningless, the plumbing and the ratios are not."""
+    import json
+
+    from bnstudy.benchmarks.export import VARIANTS
+    from bnstudy.machine import describe_machine, machine_line
+
+    out = tmp_path / "export.json"
+    argv = [sys.executable, "-m", "bnstudy", "bench", "export", "--quick", "--threads", "1", "--out", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["machine"] == describe_machine() and done.stdout.startswith(machine_line(result["machine"]) + "\n")
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert [model["model"] for model in result["results"]] == ["CifarResNet", "resnet18@32x32"]
+    for model in result["results"]:
+        rows = {row["variant"]: row for row in model["rows"]}
+        assert list(rows) == list(VARIANTS)
+        speedup = rows["torch eager"]["latency_b1_ms"] / rows["ort folded default"]["latency_b1_ms"]
+        assert model["targets"]["speedup_b1_ort_folded_default_vs_torch_eager"] == speedup > 0
+        assert model["targets"]["speedup_target_met"] == (speedup >= result["targets"]["speedup_b1"])

@@ -19,6 +19,7 @@ CORE = {
     "bnstudy.models",
     "bnstudy.norms",
     "bnstudy.precision",
+    "bnstudy.machine",
 }
 RUN_FORMATS = {"bnstudy.training.run_directory", "bnstudy.training.checkpoint"}
 # module prefix -> what its imports may start with (besides itself)

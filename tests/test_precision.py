@@ -12,7 +12,8 @@ import torch
 from bnstudy.commands import main as bnstudy_main
 from bnstudy.distributed.process_group import DistEnv
 from bnstudy.errors import UserError
-from bnstudy.precision import bf16_capability, cpu_flags, resolve_precision
+from bnstudy.machine import cpu_flags
+from bnstudy.precision import bf16_capability, resolve_precision
 from bnstudy.training.checkpoint import load_checkpoint
 from bnstudy.training.config import TrainConfig
 from bnstudy.training.launcher import plan_run

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bnstudy.machine import describe_machine
 from bnstudy.training.checkpoint import load_checkpoint
 from bnstudy.training.run_data import augment
 from tests.conftest import ROOT, TINY, free_port, run_cli, torchrun
@@ -32,6 +33,7 @@ def test_two_process_run_writes_the_run_directory(two_rank_runs, norm):
     assert any((out / "tb").glob("events.out.tfevents.*"))
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2 and config["backend"] == "gloo" and config["norm"] == norm
+    assert config["machine"] == describe_machine()  # images_per_s below means something only beside the CPU
     metrics = _jsonl(out / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2]
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "images_per_s"):

@@ -11,6 +11,7 @@ import torch
 from bnstudy.benchmarks.steps import images_per_s
 from bnstudy.distributed.process_group import spawn_gloo
 from bnstudy.errors import UserError, check_at_least, check_choice
+from bnstudy.machine import describe_machine
 from bnstudy.models import check_image_model, create_model
 from bnstudy.norms import NORM_KINDS, check_norm_batch
 from bnstudy.precision import check_precision, resolve_precision
@@ -74,4 +75,5 @@ def benchmark_ddp(
         "single_process_2_threads_images_per_s": single,
         "ddp_2x1_images_per_s": ddp,
         "ratio": ddp / single,
+        "machine": describe_machine(),
     }

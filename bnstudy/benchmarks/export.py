@@ -19,6 +19,7 @@ from tqdm import tqdm
 from bnstudy.edge.deploy_scripts import deploy_module
 from bnstudy.edge.fold import fold_batchnorm, randomize_batchnorm
 from bnstudy.edge.onnx_export import export_onnx, ort_session
+from bnstudy.machine import describe_machine
 from bnstudy.models import CifarResNet
 
 INPUT_SHAPE = (3, 32, 32)
@@ -151,6 +152,7 @@ def benchmark_export(threads: int = 2, quick: bool = False, seed: int = 0) -> di
         "targets": {"speedup_b1": TARGET_SPEEDUP_B1, "matmul_fraction_b256": TARGET_MATMUL_FRACTION},
         "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__,
+        "machine": describe_machine(),
         "results": results,
     }
 

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from bnstudy.benchmarks.ddp import WORLD_SIZE, check_ddp_options, ddp_images_per_s, single_process_images_per_s
 from bnstudy.errors import check_at_least
+from bnstudy.machine import describe_machine
 from bnstudy.precision import bf16_capability, check_precision
 
 LAYOUTS = ((1, WORLD_SIZE), (WORLD_SIZE, 1))  # (processes, threads per process) on 2 cores
@@ -63,5 +64,6 @@ def benchmark_train(
         "rounds": rounds,
         "bf16_capability": bf16_capability(torch.device("cpu")),
         "torch": torch.__version__,
+        "machine": describe_machine(),
         "results": rows,
     }

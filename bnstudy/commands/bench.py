@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bnstudy.machine import machine_line
+
 PRECISION_HELP = "autocast type of the forward pass: fp32 or bf16 (auto: bf16 where native) (default: fp32)"
 
 
@@ -61,12 +63,19 @@ def run_syncbn(args: argparse.Namespace) -> int:
 
     check_writable(args.out)
     result = benchmark_syncbn(args.model, tuple(args.batches), args.steps, args.rounds, precision=args.precision)
+    print(machine_line(result["machine"]))
     print(f"sync BN's CPU kernels: {result['syncbn_kernels']}")
-    print(f"{'images/rank':>11}  {'transport':>9}  {'bn step (ms)':>12}  {'syncbn step (ms)':>16}  {'ratio':>6}")
+    print(
+        f"{'images/rank':>11}  {'transport':>9}  {'bn step (ms)':>12}  {'syncbn step (ms)':>16}  {'ratio':>6}  "
+        f"{'rounds':>11}  target"
+    )
     for row in result["results"]:
+        by_round = row["ratio_by_round"]
+        target = "" if row["target"] is None else f"≤ {row['target']:.2f} {'met' if row['target_met'] else 'NOT met'}"
         print(
             f"{row['images_per_rank']:>11}  {row['transport']:>9}  {row['bn_step_s'] * 1e3:>12.1f}  "
-            f"{row['syncbn_step_s'] * 1e3:>16.1f}  {row['ratio']:>6.3f}"
+            f"{row['syncbn_step_s'] * 1e3:>16.1f}  {row['ratio']:>6.3f}  "
+            f"{min(by_round):>5.3f}-{max(by_round):<5.3f}  {target}".rstrip()
         )
     write_json(args.out, result)
     print(f"wrote {args.out}")
@@ -79,6 +88,7 @@ def run_ddp(args: argparse.Namespace) -> int:
 
     check_writable(args.out)
     result = benchmark_ddp(args.model, args.norm, args.global_batch, args.steps, args.precision)
+    print(machine_line(result["machine"]))
     print(f"1 process x 2 threads: {result['single_process_2_threads_images_per_s']:.0f} img/s")
     print(f"2 processes x 1 thread (DDP, gloo): {result['ddp_2x1_images_per_s']:.0f} img/s")
     print(f"ratio DDP / single: {result['ratio']:.3f}")
@@ -94,6 +104,7 @@ def run_train(args: argparse.Namespace) -> int:
     check_writable(args.out)
     result = benchmark_train(args.model, args.norm, args.global_batch, args.steps, args.rounds, tuple(args.precisions))
     baseline = args.precisions[0]
+    print(machine_line(result["machine"]))
     print(f"CPU: {result['bf16_capability']}")
     print(f"{'processes x threads':>19}  {'precision':>9}  {'images/s':>8}  {'vs ' + baseline:>8}")
     for row in result["results"]:
@@ -119,6 +130,7 @@ def run_export(args: argparse.Namespace) -> int:
     check_writable(args.out)
     check_at_least("--threads", args.threads, 1)
     result = benchmark_export(threads=args.threads, quick=args.quick)
+    print(machine_line(result["machine"]))
     print_export_benchmark(result)
     write_json(args.out, result)
     png = plot_export_benchmark(result, args.out.with_suffix(".png"))

@@ -30,6 +30,7 @@ from bnstudy.distributed.process_group import DistEnv, all_reduce_sum, main_prin
 from bnstudy.distributed.syncbn_kernels import cpu_kernels
 from bnstudy.edge.qat import freeze_bn_statistics, prepare_qat
 from bnstudy.errors import UserError, first_line
+from bnstudy.machine import describe_machine
 from bnstudy.models import create_model
 from bnstudy.precision import Precision, resolve_precision
 from bnstudy.traces.record import BACKWARD, DATA_LOADING, FORWARD, OPTIMIZER_STEP, training_profiler
@@ -310,6 +311,7 @@ def environment_info(env: DistEnv, transport: str | None, kernels: str | None, p
         "bnstudy": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "machine": describe_machine(),
         "world_size": env.world_size,
         "backend": env.backend,
         "device": str(env.device),
