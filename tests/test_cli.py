@@ -92,6 +92,17 @@ def test_training_benchmarks_write_ratios(tmp_path):
     assert result["ratio"] == result["ddp_2x1_images_per_s"] / result["single_process_2_threads_images_per_s"] > 0
 
 
+def test_syncbn_benchmark_steps_each_variant_in_turn_and_rotates_who_goes_first():
+    from bnstudy.benchmarks.syncbn import step_order
+
+    names = ["bn", "gloo", "shm"]
+    cycles = [step_order(names, i) for i in range(6)]
+    assert all(sorted(cycle) == sorted(names) for cycle in cycles)  # every variant once per cycle
+    for position in range(len(names)):  # each variant in each position once every len(names) cycles
+        assert sorted(cycle[position] for cycle in cycles[:3]) == sorted(names)
+    assert cycles[3:] == cycles[:3]
+
+
 def test_train_benchmark_compares_precisions_in_both_layouts(tmp_path):
     """Smoke test of ``bench train`` at toy size: every (layout, precision) is measured and the ratios are its own."""
     import json

@@ -1,5 +1,5 @@
 """DDP step time with plain BN vs bnstudy's SyncBatchNorm over each CPU transport (gloo, shared memory),
-2 processes × 1 thread, measured interleaved in one run."""
+2 processes × 1 thread, measured in one run with the variants' steps interleaved one by one."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from bnstudy.benchmarks.steps import training_step_times
+from bnstudy.benchmarks.steps import timed_training_step
 from bnstudy.distributed.collectives import select_transport
 from bnstudy.distributed.process_group import spawn_gloo
 from bnstudy.distributed.shm_allreduce import fast_path_supported
@@ -48,15 +48,25 @@ def _worker(
         models = {"bn": create_model(model_name, "bn")}
         for transport, group in groups.items():
             models[transport] = convert_sync_batchnorm(create_model(model_name, "bn"), process_group=group)
-        times: dict[str, list[list[float]]] = {name: [] for name in models}
-        for _ in range(rounds):  # alternate so drift in machine load hits every variant alike
-            for name, model in models.items():
-                times[name].append(training_step_times(model, batch, steps, precision=chosen))
+        steppers = {name: timed_training_step(model, batch, precision=chosen) for name, model in models.items()}
+        times: dict[str, list[list[float]]] = {name: [[] for _ in range(rounds)] for name in steppers}
+        for r in range(rounds):
+            for i in range(steps):
+                for name in step_order(list(steppers), i):
+                    times[name][r].append(steppers[name]())
             bar.update()
         results[str(batch)] = times
     bar.close()
     if rank == 0:
         Path(out).write_text(json.dumps({"kernels": cpu_kernels().name, "times": results}))
+
+
+def step_order(names: list[str], i: int) -> list[str]:
+    """The variants' order in the ``i``-th cycle: each takes one step in turn, a different one first each cycle, so
+    that drift in the machine's load (seconds long on a shared VM) and any cost of following another model's step
+    hit every variant alike."""
+    shift = i % len(names)
+    return names[shift:] + names[:shift]
 
 
 def check_syncbn_options(

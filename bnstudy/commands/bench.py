@@ -16,9 +16,12 @@ def register(registry) -> None:
     )
     p.add_argument("--model", default="resnet", help="model name from bnstudy.models.MODELS (default: resnet)")
     p.add_argument("--batches", type=int, nargs="+", default=[8, 64], help="images per rank (default: 8 64)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round and norm (default: 10)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round and variant (default: 10)")
     p.add_argument(
-        "--rounds", type=int, default=2, help="alternating rounds of bn and each syncbn transport (default: 2)"
+        "--rounds",
+        type=int,
+        default=2,
+        help="rounds of --steps steps of each variant, the variants' steps taken in turn (default: 2)",
     )
     p.add_argument("--precision", default="fp32", help=PRECISION_HELP)
     p.add_argument("--out", type=Path, default=Path("runs/bench/syncbn.json"), help="JSON result path")
