@@ -16,6 +16,7 @@ import torch
 from bnstudy.machine import describe_machine
 from bnstudy.training.checkpoint import load_checkpoint
 from bnstudy.training.run_data import augment
+from bnstudy.training.run_directory import read_summary
 from tests.conftest import ROOT, TINY, free_port, run_cli, torchrun
 
 RUN_FILES = ("config.json", "metrics.jsonl", "bn_stats.jsonl", "summary.json", "checkpoint.pt")
@@ -236,6 +237,10 @@ def test_sweep_quick_writes_accuracy_by_norm_and_batch_and_reuses_only_equal_poi
     result = json.loads((tmp_path / "sweep.json").read_text())
     assert set(result["test_acc"]) == {"bn", "gn"}
     assert all(0.0 <= acc["4"] <= 1.0 for acc in result["test_acc"].values())
+    seconds = result["train_time_s"]
+    assert seconds["bn"]["4"] == read_summary(tmp_path / "bn-b4")["train_time_s"] > 0
+    assert result["train_time_over_bn"] == {"gn": {"4": seconds["gn"]["4"] / seconds["bn"]["4"]}}
+    assert f"{result['train_time_over_bn']['gn']['4']:>9.2f}" in done.stdout.splitlines()[-2]
     assert (tmp_path / "sweep.png").is_file()
 
     runs = {name: (tmp_path / name / "checkpoint.pt").stat().st_mtime_ns for name in ("bn-b4", "gn-b4")}
@@ -244,6 +249,14 @@ def test_sweep_quick_writes_accuracy_by_norm_and_batch_and_reuses_only_equal_poi
     assert main([*argv, "--epochs", "2"]) == 2  # other settings: refused, never reported as this sweep's
     assert "bn-b4 holds a run with epochs=1, this sweep asks for 2" in capsys.readouterr().err
     assert runs == {name: (tmp_path / name / "checkpoint.pt").stat().st_mtime_ns for name in runs}
+
+
+def test_sweep_times_each_norm_against_bn_at_the_same_batch():
+    from bnstudy.training.sweep import time_over_bn
+
+    times = {"bn": {2: 10.0, 4: 8.0}, "syncbn": {2: 11.0, 4: 6.0}, "gn": {2: 20.0, 8: 1.0}}
+    assert time_over_bn(times) == {"syncbn": {2: 1.1, 4: 0.75}, "gn": {2: 2.0}}
+    assert time_over_bn({"syncbn": {2: 11.0}}) == {}  # nothing to compare against
 
 
 def test_augment_is_a_shifted_or_flipped_crop_of_the_original():

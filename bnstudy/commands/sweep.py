@@ -32,7 +32,16 @@ def register(registry) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bnstudy.io import write_json
-    from bnstudy.training.sweep import DEFAULT_OUT, QUICK, QUICK_OUT, SweepPlan, plan_sweep, plot_sweep, run_sweep
+    from bnstudy.training.sweep import (
+        DEFAULT_OUT,
+        QUICK,
+        QUICK_OUT,
+        SweepPlan,
+        plan_sweep,
+        plot_sweep,
+        run_sweep,
+        time_over_bn,
+    )
 
     plan = QUICK if args.quick else SweepPlan()
     overrides = {
@@ -52,11 +61,24 @@ def run(args: argparse.Namespace) -> int:
     if reused:
         print(f"reusing finished points with the same settings: {', '.join(reused)}")
     results = run_sweep(points, plan.nproc, out)
-    print(f"{'images/process':>14}  " + "  ".join(f"{norm:>8}" for norm in plan.norms))
+    accuracy, seconds = results["test_acc"], results["train_time_s"]
+    relative = time_over_bn(seconds)
+    header = "  ".join(f"{norm:>8}" for norm in plan.norms)
+    print(f"{'':>14}  {'test accuracy':^{len(header)}}  {'training time (s)':^{len(header)}}")
+    print(f"{'images/process':>14}  {header}  {header}" + "".join(f"  {norm + '/bn':>9}" for norm in relative))
     for batch in plan.batches:
-        print(f"{batch:>14}  " + "  ".join(f"{100 * results[n][batch]:>7.2f}%" for n in plan.norms))
-    write_json(out / "sweep.json", {"plan": asdict(plan), "test_acc": results})
+        print(
+            f"{batch:>14}  "
+            + "  ".join(f"{100 * accuracy[n][batch]:>7.2f}%" for n in plan.norms)
+            + "  "
+            + "  ".join(f"{seconds[n][batch]:>8.1f}" for n in plan.norms)
+            + "".join(f"  {relative[n][batch]:>9.2f}" for n in relative)
+        )
+    write_json(
+        out / "sweep.json",
+        {"plan": asdict(plan), "test_acc": accuracy, "train_time_s": seconds, "train_time_over_bn": relative},
+    )
     title = f"{plan.nproc} processes, {plan.epochs} epoch(s), data={plan.data}"
-    png = plot_sweep(results, out / "sweep.png", title)
+    png = plot_sweep(accuracy, out / "sweep.png", title)
     print(f"wrote {out / 'sweep.json'} and {png}")
     return 0

@@ -146,7 +146,9 @@ def plan_sweep(plan: SweepPlan, out: Path) -> list[SweepPoint]:
     if not plan.norms or not plan.batches:
         raise UserError("--norms and --batches need at least one value each")
     check_writable(out / "sweep.json")
-    configs = {(norm, batch): plan.config(norm, batch, out) for norm in plan.norms for batch in plan.batches}
+    # Batch-major, so that the norms compared at one batch size run next to each other in time (their training
+    # times are compared too, and a shared machine's speed drifts over minutes).
+    configs = {(norm, batch): plan.config(norm, batch, out) for batch in plan.batches for norm in plan.norms}
     for (norm, batch), config in configs.items():
         with _point_errors(norm, batch):
             config.validate(plan.nproc)
@@ -169,10 +171,10 @@ def _point_errors(norm: str, batch: int) -> Iterator[None]:
         raise UserError(f"sweep point {norm} batch {batch}: {exc}") from None
 
 
-def run_sweep(points: list[SweepPoint], nproc: int, out: Path) -> dict[str, dict[int, float]]:
+def run_sweep(points: list[SweepPoint], nproc: int, out: Path) -> dict[str, dict[str, dict[int, float]]]:
     """Run every point that is not finished (its log beside it, ``out/<norm>-b<batch>.log``); returns the final
-    test accuracy by norm and batch."""
-    results: dict[str, dict[int, float]] = {}
+    test accuracy (``test_acc``) and the training time in seconds (``train_time_s``), each by norm and batch."""
+    results: dict[str, dict[str, dict[int, float]]] = {"test_acc": {}, "train_time_s": {}}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for point in tqdm(points, desc="sweep", unit="run"):
         if point.state != "finished":
@@ -187,8 +189,19 @@ def run_sweep(points: list[SweepPoint], nproc: int, out: Path) -> dict[str, dict
         summary = read_summary(point.out)
         if summary is None:  # e.g. a checkpoint of the last epoch, then a crash before summary.json
             raise UserError(f"{point.out} has no summary.json after its run; delete it to rerun the point")
-        results.setdefault(point.norm, {})[point.batch] = summary["final_test_acc"]
+        results["test_acc"].setdefault(point.norm, {})[point.batch] = summary["final_test_acc"]
+        results["train_time_s"].setdefault(point.norm, {})[point.batch] = summary["train_time_s"]
     return results
+
+
+def time_over_bn(train_time_s: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
+    """Each other norm's training time over plain BN's at the same batch size (empty without BN in the sweep)."""
+    bn = train_time_s.get("bn", {})
+    return {
+        norm: {batch: seconds / bn[batch] for batch, seconds in by_batch.items() if batch in bn}
+        for norm, by_batch in train_time_s.items()
+        if norm != "bn" and bn
+    }
 
 
 def plot_sweep(results: dict[str, dict[int, float]], path: Path, title: str) -> Path:
