@@ -12,8 +12,8 @@ import platform
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
-# /proc/cpuinfo flags that change which CPU kernels run (x86 vector widths, bf16/int8 dot products, AMX tiles;
-# Arm's NEON, SVE and bf16), in the order lscpu prints them.
+# /proc/cpuinfo flags that change which CPU kernels run: x86 vector widths, bf16/int8 dot products and AMX tiles,
+# then Arm's NEON, SVE and bf16. Results list them in this order.
 SIMD_FLAGS = (
     "sse4_2",
     "avx",
