@@ -1,7 +1,7 @@
 """The run directory ``runs/NAME/``, the unit of output every command reads: every file name in it, rank 0's
 writer and the reader.
 
-    config.json      all options, versions, world size, backend, device (written with the first epoch's records)
+    config.json      all options, versions, world size, backend, device, machine (written with the first epoch)
     metrics.jsonl    one record per epoch
     bn_stats.jsonl   one record per epoch and BN layer: how far ranks' statistics are apart
     checkpoint.pt    the latest complete epoch (see :mod:`bnstudy.training.checkpoint`)
