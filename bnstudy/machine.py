@@ -31,35 +31,38 @@ SIMD_FLAGS = (
 )
 
 
-def _cpuinfo_lines(cpuinfo: Path) -> list[str]:
+def _first_processor(cpuinfo: Path) -> dict[str, str]:
+    """The fields of the first processor's block of /proc/cpuinfo (empty where there is none)."""
     try:
-        return cpuinfo.read_text().splitlines()
+        text = cpuinfo.read_text()
     except OSError:
-        return []
-
-
-def _cpuinfo_field(cpuinfo: Path, *keys: str) -> str | None:
-    """The first processor's value of the first of ``keys`` that /proc/cpuinfo has (x86 and Arm name fields
-    differently)."""
-    fields = {}
-    for line in _cpuinfo_lines(cpuinfo):
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
         if not line.strip():
             break  # the end of the first processor's block
         key, sep, value = line.partition(":")
         if sep:
             fields.setdefault(key.strip(), value.strip())
-    return next((fields[k] for k in keys if fields.get(k)), None)
+    return fields
+
+
+def _flags(fields: dict[str, str]) -> set[str]:
+    return set((fields.get("flags") or fields.get("Features") or "").split())  # x86 and Arm name them differently
+
+
+def _model(fields: dict[str, str]) -> str:
+    return fields.get("model name") or fields.get("Model name") or platform.processor() or platform.machine()
 
 
 def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
     """The CPU's feature flags as Linux reports them; empty where there is no /proc/cpuinfo."""
-    flags = _cpuinfo_field(cpuinfo, "flags", "Features")
-    return set(flags.split()) if flags else set()
+    return _flags(_first_processor(cpuinfo))
 
 
 def cpu_model(cpuinfo: Path = CPUINFO) -> str:
     """The CPU's marketing name as lscpu shows it, else what the platform module knows, else the architecture."""
-    return _cpuinfo_field(cpuinfo, "model name", "Model name") or platform.processor() or platform.machine()
+    return _model(_first_processor(cpuinfo))
 
 
 def usable_cpus() -> int:
@@ -73,9 +76,10 @@ def usable_cpus() -> int:
 def describe_machine(cpuinfo: Path = CPUINFO) -> dict:
     """The machine in the fields a reader needs to weigh an absolute time: CPU model, architecture, usable and
     total logical CPUs, and which of :data:`SIMD_FLAGS` it has."""
-    flags = cpu_flags(cpuinfo)
+    fields = _first_processor(cpuinfo)
+    flags = _flags(fields)
     return {
-        "cpu_model": cpu_model(cpuinfo),
+        "cpu_model": _model(fields),
         "architecture": platform.machine(),
         "usable_cpus": usable_cpus(),
         "logical_cpus": os.cpu_count() or 1,
