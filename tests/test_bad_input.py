@@ -380,6 +380,13 @@ def test_a_bad_syncbn_transport_is_refused_before_the_process_group(shared, tmp_
     assert_refused(train_main, f"{SMALL} --norm syncbn", "", expected, shared, tmp_path, capsys, monkeypatch)
 
 
+def test_a_bad_ddp_transport_is_refused_before_the_process_group(shared, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BNSTUDY_DDP_TRANSPORT", "smoke-signals")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    expected = "BNSTUDY_DDP_TRANSPORT='smoke-signals' is not a transport; use one of auto, shm, gloo"
+    assert_refused(train_main, f"{SMALL} --norm bn", "", expected, shared, tmp_path, capsys, monkeypatch)
+
+
 def test_a_bad_syncbn_kernels_choice_is_refused_before_the_process_group(shared, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("BNSTUDY_SYNCBN_KERNELS", "fortran")
     monkeypatch.setenv("WORLD_SIZE", "2")

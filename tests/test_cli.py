@@ -23,7 +23,7 @@ def test_training_benchmarks_write_ratios(tmp_path):
     """Smoke test of the two DDP benchmarks at toy size: the numbers are meaningless, the plumbing is not."""
     import json
 
-    from bnstudy.benchmarks.syncbn import transports_here
+    from bnstudy.distributed.collectives import local_transports
     from bnstudy.machine import describe_machine, machine_line
 
     syncbn = tmp_path / "syncbn.json"
@@ -51,11 +51,13 @@ def test_training_benchmarks_write_ratios(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(syncbn.read_text())
     assert result["syncbn_kernels"] in ("compiled", "python")
-    assert f"sync BN's CPU kernels: {result['syncbn_kernels']}\n" in done.stdout
+    assert result["ddp_transport"] == local_transports()[-1]  # auto: shared memory where this CPU has it
+    kernels_line = f"sync BN's CPU kernels: {result['syncbn_kernels']}; DDP's gradients over {result['ddp_transport']}"
+    assert kernels_line + "\n" in done.stdout
     assert result["machine"] == describe_machine()
     assert done.stdout.startswith(machine_line(result["machine"]) + "\n")
     rows = result["results"]
-    assert [row["transport"] for row in rows] == list(transports_here())
+    assert [row["transport"] for row in rows] == list(local_transports())
     for row in rows:
         assert row["images_per_rank"] == 8 and row["ratio"] == row["syncbn_step_s"] / row["bn_step_s"] > 0
         assert len(row["ratio_by_round"]) == 2 and min(row["ratio_by_round"]) > 0 and row["samples"] == 4
@@ -89,7 +91,14 @@ def test_training_benchmarks_write_ratios(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(ddp.read_text())
     assert result["machine"] == describe_machine() and machine_line(result["machine"]) in done.stdout
-    assert result["ratio"] == result["ddp_2x1_images_per_s"] / result["single_process_2_threads_images_per_s"] > 0
+    single = result["single_process_2_threads_images_per_s"]
+    by_transport = result["ddp_2x1_images_per_s_by_transport"]
+    assert list(by_transport) == list(local_transports()) and result["ddp_transport"] == local_transports()[-1]
+    for transport, rate in by_transport.items():
+        assert result["ratio_by_transport"][transport] == rate / single > 0
+        assert f"(DDP, gradients over {transport}): {rate:.0f} img/s" in done.stdout
+    assert result["ratio"] == result["ddp_2x1_images_per_s"] / single
+    assert result["ddp_2x1_images_per_s"] == by_transport[result["ddp_transport"]]
 
 
 def test_syncbn_benchmark_steps_each_variant_in_turn_and_rotates_who_goes_first():
@@ -107,6 +116,7 @@ def test_train_benchmark_compares_precisions_in_both_layouts(tmp_path):
     """Smoke test of ``bench train`` at toy size: every (layout, precision) is measured and the ratios are its own."""
     import json
 
+    from bnstudy.distributed.collectives import local_transports
     from bnstudy.machine import describe_machine, machine_line
 
     out = tmp_path / "train.json"
@@ -120,6 +130,7 @@ def test_train_benchmark_compares_precisions_in_both_layouts(tmp_path):
         fp32, bf16 = rows[processes, "fp32"], rows[processes, "bf16"]
         assert fp32["ratio_to_fp32"] == 1.0 and bf16["ratio_to_fp32"] == bf16["images_per_s"] / fp32["images_per_s"]
     assert result["bf16_capability"].split()[0] in ("native", "emulated")
+    assert result["ddp_transport"] == local_transports()[-1]
     assert result["machine"] == describe_machine() and done.stdout.startswith(machine_line(result["machine"]))
 
 

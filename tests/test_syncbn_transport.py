@@ -35,6 +35,8 @@ def test_one_host_runs_sync_bn_over_shared_memory(two_rank_runs):
     assert config["syncbn_kernels"] == cpu_kernels().name  # the build this machine gives, recorded
     bn_config = json.loads((two_rank_runs["bn"] / "config.json").read_text())
     assert bn_config["syncbn_transport"] is None and bn_config["syncbn_kernels"] is None
+    # DDP's gradients go through shared memory too, whatever the norm
+    assert config["ddp_transport"] == bn_config["ddp_transport"] == "shm"
 
 
 def test_two_jobs_at_once_and_forced_gloo_agree_with_shared_memory(tmp_path):
@@ -53,6 +55,7 @@ def test_two_jobs_at_once_and_forced_gloo_agree_with_shared_memory(tmp_path):
     for name, job in jobs.items():
         assert job.returncode == 0, outputs[name][-3000:]
         assert f"sync BN over {name.split('-')[0]}" in outputs[name]
+        assert "gradients over shm" in outputs[name]
     metrics = {name: _jsonl(tmp_path / name / "metrics.jsonl")[0] for name in jobs}
     for key in ("train_loss", "test_loss", "test_acc"):  # same sums in another order: equal to rounding
         assert metrics["shm-a"][key] == metrics["shm-b"][key]
@@ -79,7 +82,8 @@ def test_ranks_on_different_hosts_fall_back_to_gloo_and_stay_exact(tmp_path):
     ]
     outputs = [a.communicate(timeout=300)[0] for a in agents]
     assert [a.returncode for a in agents] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    assert json.loads((out / "config.json").read_text())["syncbn_transport"] == "gloo"
+    config = json.loads((out / "config.json").read_text())
+    assert (config["syncbn_transport"], config["ddp_transport"]) == ("gloo", "gloo")
     assert all(r["running_mean_max_abs_diff"] == 0 for r in _jsonl(out / "bn_stats.jsonl"))
 
 
@@ -94,18 +98,18 @@ def test_forcing_shared_memory_across_hosts_is_a_one_line_error(tmp_path):
     assert "bnstudy/" not in bad.stderr  # no traceback through bnstudy (torchrun prints its own report)
 
 
-@pytest.mark.parametrize("norm", ["syncbn", "bn"])
-def test_a_killed_rank_stops_its_peer_with_a_one_line_error_and_leaves_no_segment(tmp_path, norm):
+@pytest.mark.parametrize("norm, ddp_transport", [("syncbn", "auto"), ("bn", "auto"), ("bn", "gloo")])
+def test_a_killed_rank_stops_its_peer_with_a_one_line_error_and_leaves_no_segment(tmp_path, norm, ddp_transport):
     """Two launcher processes joined by hand (no torchrun agent to kill the survivor): rank 1 is SIGKILLed after the
     first epoch, and rank 0 must stop within the shared-memory timeout, saying so in one line. The survivor learns
-    of it in a shared-memory exchange or in gloo's (DDP's gradient all-reduce: the only way with plain BN)."""
+    of it in a shared-memory exchange (sync BN's or DDP's gradient hook's) or in gloo's (DDP's own hook)."""
     before = _segments()
     out = tmp_path / "killed"
     port = free_port()
     cmd = [sys.executable, str(ROOT / "launch" / "train_cifar.py"), *TINY, "--synthetic-size", "3000"]
     cmd += ["--epochs", "3", "--norm", norm, "--out", str(out)]
     base = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    base |= {"WORLD_SIZE": "2", "BNSTUDY_SYNCBN_TIMEOUT_S": "5"}
+    base |= {"WORLD_SIZE": "2", "BNSTUDY_SYNCBN_TIMEOUT_S": "5", "BNSTUDY_DDP_TRANSPORT": ddp_transport}
     ranks = [
         subprocess.Popen(
             cmd,

@@ -1,4 +1,5 @@
-"""Images/s of DDP with 2 processes × 1 thread against 1 process × 2 threads at the same global batch."""
+"""Images/s of DDP with 2 processes × 1 thread, its gradients over each transport, against 1 process × 2 threads at
+the same global batch."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 import torch
 
 from bnstudy.benchmarks.steps import images_per_s
+from bnstudy.distributed.collectives import local_transports
+from bnstudy.distributed.ddp_gradients import gradient_transport
 from bnstudy.distributed.process_group import spawn_gloo
 from bnstudy.errors import UserError, check_at_least, check_choice
 from bnstudy.machine import describe_machine
@@ -21,12 +24,22 @@ CPU = torch.device("cpu")
 
 
 def _ddp_worker(
-    rank: int, world_size: int, model: str, norm: str, global_batch: int, steps: int, precision: str, out: str
+    rank: int,
+    world_size: int,
+    model: str,
+    norm: str,
+    global_batch: int,
+    steps: int,
+    precision: str,
+    transport: str,
+    out: str,
 ) -> None:
     torch.manual_seed(0)
-    rate = images_per_s(create_model(model, norm), global_batch // world_size, steps, resolve_precision(precision, CPU))
+    chosen = resolve_precision(precision, CPU)
+    rate = images_per_s(create_model(model, norm), global_batch // world_size, steps, chosen, ddp_transport=transport)
     if rank == 0:
-        Path(out).write_text(json.dumps({"per_rank_images_per_s": rate}))
+        result = {"per_rank_images_per_s": rate, "ddp_transport": gradient_transport(requested=transport)}
+        Path(out).write_text(json.dumps(result))
 
 
 def check_ddp_options(model: str, norm: str, global_batch: int, steps: int, precision: str = "fp32") -> None:
@@ -51,21 +64,33 @@ def single_process_images_per_s(model: str, norm: str, batch: int, steps: int, p
         torch.set_num_threads(before)
 
 
-def ddp_images_per_s(model: str, norm: str, global_batch: int, steps: int, precision: str) -> float:
-    """Throughput of :data:`WORLD_SIZE` DDP processes × 1 thread (gloo) sharing ``global_batch``."""
+def ddp_images_per_s(
+    model: str, norm: str, global_batch: int, steps: int, precision: str, transport: str = "auto"
+) -> tuple[float, str]:
+    """Throughput of :data:`WORLD_SIZE` DDP processes × 1 thread (gloo) sharing ``global_batch``, their gradients
+    over ``transport`` (auto | shm | gloo), and the transport that took."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ddp.json"
-        spawn_gloo(_ddp_worker, WORLD_SIZE, model, norm, global_batch, steps, precision, str(path), threads=1)
-        return json.loads(path.read_text())["per_rank_images_per_s"] * WORLD_SIZE
+        spawn_gloo(
+            _ddp_worker, WORLD_SIZE, model, norm, global_batch, steps, precision, transport, str(path), threads=1
+        )
+        result = json.loads(path.read_text())
+        return result["per_rank_images_per_s"] * WORLD_SIZE, result["ddp_transport"]
 
 
 def benchmark_ddp(
     model: str = "resnet", norm: str = "bn", global_batch: int = 512, steps: int = 8, precision: str = "fp32"
 ) -> dict:
-    """Throughput of the same global batch in one process with 2 threads and in 2 DDP processes with 1 thread."""
+    """Throughput of the same global batch in one process with 2 threads and in 2 DDP processes with 1 thread, the
+    latter with its gradients over each transport this machine has (what training picks, ``auto``, is reported
+    beside them)."""
     check_ddp_options(model, norm, global_batch, steps, precision)
     single = single_process_images_per_s(model, norm, global_batch, steps, precision, threads=WORLD_SIZE)
-    ddp = ddp_images_per_s(model, norm, global_batch, steps, precision)
+    by_transport = {
+        transport: ddp_images_per_s(model, norm, global_batch, steps, precision, transport)[0]
+        for transport in local_transports()
+    }
+    chosen = "shm" if "shm" in by_transport else "gloo"  # auto, for processes on one host
     return {
         "model": model,
         "norm": norm,
@@ -73,7 +98,10 @@ def benchmark_ddp(
         "global_batch": global_batch,
         "steps": steps,
         "single_process_2_threads_images_per_s": single,
-        "ddp_2x1_images_per_s": ddp,
-        "ratio": ddp / single,
+        "ddp_2x1_images_per_s_by_transport": by_transport,
+        "ratio_by_transport": {transport: rate / single for transport, rate in by_transport.items()},
+        "ddp_transport": chosen,
+        "ddp_2x1_images_per_s": by_transport[chosen],
+        "ratio": by_transport[chosen] / single,
         "machine": describe_machine(),
     }

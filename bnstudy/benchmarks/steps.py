@@ -9,23 +9,24 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
+from bnstudy.distributed.ddp_gradients import wrap_ddp
 from bnstudy.precision import Precision
 
 
 def timed_training_step(
-    model: nn.Module, batch: int, warmup: int = 2, precision: Precision | None = None
+    model: nn.Module, batch: int, warmup: int = 2, precision: Precision | None = None, ddp_transport: str | None = None
 ) -> Callable[[], float]:
     """A function that runs one SGD step (forward, backward, update) of ``model`` in channels_last and returns its
     seconds, with the forward pass under ``precision``'s autocast (float32 when None); ``warmup`` steps run first.
 
     Each model keeps its own optimizer and batch, so steps of several models can be interleaved one by one. Under an
-    initialised process group the model is wrapped in DDP (``broadcast_buffers=False``) and every step starts at a
-    barrier, so each rank times the same step."""
+    initialised process group the model is wrapped in DDP (:func:`~bnstudy.distributed.ddp_gradients.wrap_ddp`, its
+    gradients over ``ddp_transport``: auto | shm | gloo, by default ``BNSTUDY_DDP_TRANSPORT``'s) and every step
+    starts at a barrier, so each rank times the same step."""
     model = model.to(memory_format=torch.channels_last)
     distributed = dist.is_initialized() and dist.get_world_size() > 1
-    net = DistributedDataParallel(model, broadcast_buffers=False) if distributed else model
+    net = wrap_ddp(model, requested=ddp_transport)[0] if distributed else model
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
@@ -46,7 +47,9 @@ def timed_training_step(
     return step
 
 
-def images_per_s(model: nn.Module, batch: int, steps: int, precision: Precision | None = None) -> float:
+def images_per_s(
+    model: nn.Module, batch: int, steps: int, precision: Precision | None = None, ddp_transport: str | None = None
+) -> float:
     """Training throughput of one process over ``steps`` timed steps of ``batch`` images."""
-    step = timed_training_step(model, batch, precision=precision)
+    step = timed_training_step(model, batch, precision=precision, ddp_transport=ddp_transport)
     return batch * steps / sum(step() for _ in range(steps))

@@ -13,9 +13,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from bnstudy.benchmarks.steps import timed_training_step
-from bnstudy.distributed.collectives import select_transport
+from bnstudy.distributed.collectives import local_transports, select_transport
+from bnstudy.distributed.ddp_gradients import gradient_transport
 from bnstudy.distributed.process_group import spawn_gloo
-from bnstudy.distributed.shm_allreduce import fast_path_supported
 from bnstudy.distributed.syncbn import convert_sync_batchnorm
 from bnstudy.distributed.syncbn_kernels import cpu_kernels, requested_kernels
 from bnstudy.errors import check_at_least
@@ -28,17 +28,12 @@ from bnstudy.precision import check_precision, resolve_precision
 TARGETS = {8: 1.05, 64: 1.03}
 
 
-def transports_here() -> tuple[str, ...]:
-    """The sync-BN transports this machine can run between local processes."""
-    return ("gloo", "shm") if fast_path_supported() else ("gloo",)
-
-
 def _worker(
     rank: int, world_size: int, model_name: str, batches: list[int], steps: int, rounds: int, precision: str, out: str
 ) -> None:
     chosen = resolve_precision(precision, torch.device("cpu"))
     groups = {}
-    for transport in transports_here():  # one group per transport, so both run in the same processes
+    for transport in local_transports():  # one group per transport, so both run in the same processes
         groups[transport] = dist.new_group(backend="gloo")
         select_transport(groups[transport], transport)
     results: dict[str, dict[str, list[list[float]]]] = {}
@@ -58,7 +53,8 @@ def _worker(
         results[str(batch)] = times
     bar.close()
     if rank == 0:
-        Path(out).write_text(json.dumps({"kernels": cpu_kernels().name, "times": results}))
+        raw = {"kernels": cpu_kernels().name, "ddp_transport": gradient_transport(), "times": results}
+        Path(out).write_text(json.dumps(raw))
 
 
 def step_order(names: list[str], i: int) -> list[str]:
@@ -102,7 +98,7 @@ def benchmark_syncbn(
     for batch, times in raw["times"].items():
         bn_rounds = times["bn"]
         bn = statistics.median(t for round_times in bn_rounds for t in round_times)
-        for transport in transports_here():
+        for transport in local_transports():
             sync_rounds = times[transport]
             sync = statistics.median(t for round_times in sync_rounds for t in round_times)
             target = TARGETS.get(int(batch)) if transport == "shm" else None
@@ -128,6 +124,7 @@ def benchmark_syncbn(
         "threads_per_rank": 1,
         "backend": "gloo",
         "syncbn_kernels": raw["kernels"],
+        "ddp_transport": raw["ddp_transport"],
         "torch": torch.__version__,
         "machine": describe_machine(),
         "results": rows,

@@ -31,6 +31,7 @@ def benchmark_train(
         check_ddp_options(model, norm, global_batch, steps, precision)
     check_at_least("--rounds", rounds, 1)
     rates: dict[tuple[int, str], list[float]] = {(p, name): [] for p, _ in LAYOUTS for name in precisions}
+    ddp_transport = None
     with tqdm(total=rounds * len(rates), desc="bench train", leave=False) as bar:
         for _ in range(rounds):
             for processes, threads in LAYOUTS:
@@ -38,7 +39,7 @@ def benchmark_train(
                     if processes == 1:
                         rate = single_process_images_per_s(model, norm, global_batch, steps, name, threads)
                     else:
-                        rate = ddp_images_per_s(model, norm, global_batch, steps, name)
+                        rate, ddp_transport = ddp_images_per_s(model, norm, global_batch, steps, name)
                     rates[processes, name].append(rate)
                     bar.update()
     rows = []
@@ -63,6 +64,7 @@ def benchmark_train(
         "steps": steps,
         "rounds": rounds,
         "bf16_capability": bf16_capability(torch.device("cpu")),
+        "ddp_transport": ddp_transport,
         "torch": torch.__version__,
         "machine": describe_machine(),
         "results": rows,

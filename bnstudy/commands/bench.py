@@ -67,7 +67,7 @@ def run_syncbn(args: argparse.Namespace) -> int:
     check_writable(args.out)
     result = benchmark_syncbn(args.model, tuple(args.batches), args.steps, args.rounds, precision=args.precision)
     print(machine_line(result["machine"]))
-    print(f"sync BN's CPU kernels: {result['syncbn_kernels']}")
+    print(f"sync BN's CPU kernels: {result['syncbn_kernels']}; DDP's gradients over {result['ddp_transport']}")
     print(
         f"{'images/rank':>11}  {'transport':>9}  {'bn step (ms)':>12}  {'syncbn step (ms)':>16}  {'ratio':>6}  "
         f"{'rounds':>11}  target"
@@ -93,8 +93,11 @@ def run_ddp(args: argparse.Namespace) -> int:
     result = benchmark_ddp(args.model, args.norm, args.global_batch, args.steps, args.precision)
     print(machine_line(result["machine"]))
     print(f"1 process x 2 threads: {result['single_process_2_threads_images_per_s']:.0f} img/s")
-    print(f"2 processes x 1 thread (DDP, gloo): {result['ddp_2x1_images_per_s']:.0f} img/s")
-    print(f"ratio DDP / single: {result['ratio']:.3f}")
+    for transport, rate in result["ddp_2x1_images_per_s_by_transport"].items():
+        chosen = " (auto's choice)" if transport == result["ddp_transport"] else ""
+        ratio = result["ratio_by_transport"][transport]
+        layout = f"2 processes x 1 thread (DDP, gradients over {transport})"
+        print(f"{layout}: {rate:.0f} img/s, {ratio:.3f} x single{chosen}")
     write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
@@ -108,7 +111,7 @@ def run_train(args: argparse.Namespace) -> int:
     result = benchmark_train(args.model, args.norm, args.global_batch, args.steps, args.rounds, tuple(args.precisions))
     baseline = args.precisions[0]
     print(machine_line(result["machine"]))
-    print(f"CPU: {result['bf16_capability']}")
+    print(f"CPU: {result['bf16_capability']}; DDP's gradients over {result['ddp_transport']}")
     print(f"{'processes x threads':>19}  {'precision':>9}  {'images/s':>8}  {'vs ' + baseline:>8}")
     for row in result["results"]:
         layout = f"{row['processes']} x {row['threads_per_process']}"

@@ -3,8 +3,9 @@
 
 Transports on CPU: ``shm`` (a shared-memory exchange, :mod:`bnstudy.distributed.shm_allreduce`) when every rank of
 the group runs on this host on x86-64, else ``gloo``. ``BNSTUDY_SYNCBN_TRANSPORT=auto|shm|gloo`` forces a choice;
-``BNSTUDY_SYNCBN_TIMEOUT_S`` sets how long a shared-memory exchange waits for a late rank (default 60 s). On CUDA,
-sync BN runs PyTorch's own kernels over the group's backend (nccl).
+``BNSTUDY_SYNCBN_TIMEOUT_S`` sets how long a shared-memory exchange (sync BN's, and DDP's gradients', see
+:mod:`bnstudy.distributed.ddp_gradients`) waits for a late rank (default 60 s). On CUDA, sync BN runs PyTorch's own
+kernels over the group's backend (nccl).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from bnstudy.distributed.process_group import all_reduce_polling
 from bnstudy.distributed.shm_allreduce import (
+    DEFAULT_MAX_NUMEL,
     DEFAULT_TIMEOUT_S,
     ShmAllReduce,
     fast_path_supported,
@@ -38,7 +40,8 @@ def requested_transport() -> str:
     return env_choice(TRANSPORT_ENV, TRANSPORTS, "a transport")
 
 
-def _timeout_s() -> float:
+def shm_timeout_s() -> float:
+    """How long a shared-memory exchange waits for a late rank: ``BNSTUDY_SYNCBN_TIMEOUT_S`` or 60 s."""
     raw = os.environ.get(TIMEOUT_ENV)
     if raw is None:
         return DEFAULT_TIMEOUT_S
@@ -55,6 +58,11 @@ _transports: dict[dist.ProcessGroup, ShmAllReduce | None] = {}
 _UNCHOSEN = object()
 
 
+def local_transports() -> tuple[str, ...]:
+    """The transports a gloo group of processes on this host can use: gloo, and shm on x86-64."""
+    return ("gloo", "shm") if fast_path_supported() else ("gloo",)
+
+
 def select_transport(group: dist.ProcessGroup, requested: str | None = None) -> str:
     """Choose (once per group; a collective, so every rank calls it) and return the name of the transport sync BN's
     all-reduces use on ``group``: "shm", "gloo", or the group's backend when it is not gloo. ``requested``
@@ -63,14 +71,24 @@ def select_transport(group: dist.ProcessGroup, requested: str | None = None) -> 
     if backend != "gloo":
         return backend
     if group not in _transports:
-        requested = requested or requested_transport()
-        timeout_s = _timeout_s()
-        use_shm = requested != "gloo" and fast_path_supported() and ranks_share_host(group)
-        if requested == "shm" and not use_shm:
-            why = "this CPU is not x86-64" if not fast_path_supported() else "the ranks are not all on this host"
-            raise UserError(f"{TRANSPORT_ENV}=shm but {why}; use {TRANSPORT_ENV}=auto or gloo")
-        _transports[group] = ShmAllReduce(group, timeout_s=timeout_s, label=SYNCBN_ALL_REDUCE) if use_shm else None
+        _transports[group] = shared_memory_exchange(
+            group, requested or requested_transport(), TRANSPORT_ENV, label=SYNCBN_ALL_REDUCE
+        )
     return "gloo" if _transports[group] is None else "shm"
+
+
+def shared_memory_exchange(
+    group: dist.ProcessGroup, requested: str, env_name: str, label: str, max_numel: int = DEFAULT_MAX_NUMEL
+) -> ShmAllReduce | None:
+    """A shared-memory all-reduce over ``group`` (a gloo group; a collective, so every rank calls it) unless
+    ``requested`` (auto | shm | gloo, named by ``env_name`` in errors) is gloo or the ranks or CPU cannot share
+    memory, then None."""
+    timeout_s = shm_timeout_s()
+    use_shm = requested != "gloo" and fast_path_supported() and ranks_share_host(group)
+    if requested == "shm" and not use_shm:
+        why = "this CPU is not x86-64" if not fast_path_supported() else "the ranks are not all on this host"
+        raise UserError(f"{env_name}=shm but {why}; use {env_name}=auto or gloo")
+    return ShmAllReduce(group, max_numel=max_numel, timeout_s=timeout_s, label=label) if use_shm else None
 
 
 def syncbn_all_reduce(tensor: Tensor, group: dist.ProcessGroup) -> None:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bnstudy.distributed.collectives import SYNCBN_LABEL_PREFIX
+from bnstudy.distributed.ddp_gradients import DDP_ALL_REDUCE
 from bnstudy.traces.record import DATA_LOADING, OPTIMIZER_STEP
 from bnstudy.traces.trace_events import Event, Point
 
@@ -107,6 +108,8 @@ def classify(name: str, enclosing: str | None, in_ddp_scope: bool = False) -> st
     """The category of an event named ``name`` inside events of category ``enclosing`` (None: uncategorised),
     ``in_ddp_scope`` when an enclosing event opens one; None when nothing says anything."""
     base = name.removeprefix(AUTOGRAD_PREFIX)
+    if base == DDP_ALL_REDUCE:  # bnstudy's shared-memory gradient hook, wherever backward runs it
+        return DDP_ALLREDUCE
     if enclosing in (BN_FORWARD, BN_BACKWARD):
         return BN_SYNC if is_collective(base) else enclosing
     if enclosing == CONV_LINEAR and _CAST.search(base):

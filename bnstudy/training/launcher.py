@@ -189,9 +189,13 @@ def _with_source_model(config: TrainConfig, given: dict[str, Any]) -> TrainConfi
 
 
 def _validate(config: TrainConfig, world_size: int) -> None:
-    """The config's checks, and the environment's that this run depends on (BNSTUDY_SYNCBN_TRANSPORT and
-    BNSTUDY_SYNCBN_KERNELS)."""
+    """The config's checks, and the environment's that this run depends on (BNSTUDY_DDP_TRANSPORT,
+    BNSTUDY_SYNCBN_TRANSPORT and BNSTUDY_SYNCBN_KERNELS)."""
     config.validate(world_size)
+    if world_size > 1:
+        from bnstudy.distributed.ddp_gradients import requested_ddp_transport
+
+        requested_ddp_transport()
     if config.norm == "syncbn":
         from bnstudy.distributed.collectives import requested_transport
         from bnstudy.distributed.syncbn_kernels import requested_kernels

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
@@ -26,6 +25,7 @@ from bnstudy import __version__
 from bnstudy.data import to_model_input
 from bnstudy.distributed.bn_statistics import bn_layers, bn_statistics_report, sync_bn_buffers
 from bnstudy.distributed.collectives import select_transport, world_group_for_syncbn
+from bnstudy.distributed.ddp_gradients import wrap_ddp
 from bnstudy.distributed.process_group import DistEnv, all_reduce_sum, main_print
 from bnstudy.distributed.syncbn_kernels import cpu_kernels
 from bnstudy.edge.qat import freeze_bn_statistics, prepare_qat
@@ -59,13 +59,7 @@ class Trainer:
         self.grad_scaler = self.precision.grad_scaler()
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model = model.to(env.device, memory_format=self.memory_format)
-        self.ddp = (
-            DistributedDataParallel(
-                self.model, device_ids=[env.device] if env.device.type == "cuda" else None, broadcast_buffers=False
-            )
-            if env.distributed
-            else self.model
-        )
+        self.ddp, self.ddp_transport = wrap_ddp(self.model, env.device) if env.distributed else (self.model, None)
         self.sampler = DistributedSampler(
             range(len(self.data.train)),
             num_replicas=env.world_size,
@@ -305,7 +299,9 @@ def syncbn_kernels(config: TrainConfig, env: DistEnv) -> str | None:
     return cpu_kernels().name
 
 
-def environment_info(env: DistEnv, transport: str | None, kernels: str | None, precision: Precision) -> dict:
+def environment_info(
+    env: DistEnv, transport: str | None, kernels: str | None, ddp_transport: str | None, precision: Precision
+) -> dict:
     return {
         **precision.record(),
         "bnstudy": __version__,
@@ -319,6 +315,7 @@ def environment_info(env: DistEnv, transport: str | None, kernels: str | None, p
         "cuda": torch.cuda.is_available(),
         "syncbn_transport": transport,
         "syncbn_kernels": kernels,
+        "ddp_transport": ddp_transport,
     }
 
 
@@ -338,12 +335,13 @@ def train(config: TrainConfig, env: DistEnv, resume_from: dict | None = None) ->
     transport = syncbn_transport(config, env)
     kernels = syncbn_kernels(config, env)
     run_config = checkpoint_config(config, trainer.data, env.world_size)
-    run_config |= environment_info(env, transport, kernels, trainer.precision)
+    run_config |= environment_info(env, transport, kernels, trainer.ddp_transport, trainer.precision)
     writer = RunWriter(out, trainer.start_epoch, run_config) if env.is_main else None
     main_print(
         f"{config.model}/{config.norm} on {trainer.data.description}; {env.world_size} process(es), "
         f"{config.batch_size}/process, backend {env.backend or 'none'}, device {env.device}, "
         f"precision {trainer.precision.describe()}"
+        + (f", gradients over {trainer.ddp_transport}" if trainer.ddp_transport else "")
         + (f", sync BN over {transport}" if transport else "")
         + (f" with {kernels} kernels" if kernels else "")
     )
