@@ -17,7 +17,7 @@ from bnstudy.distributed.syncbn_kernels import KERNELS_ENV, cpu_kernels
 HAVE_TOOLCHAIN = shutil.which("c++") is not None and shutil.which("ninja") is not None
 needs_compiled = pytest.mark.skipif(not HAVE_TOOLCHAIN, reason="needs a C++ compiler and ninja")
 
-# (input shape, memory format, dtype, affine, track running statistics)
+# (input shape, memory format (None: a strided view, dense in none), dtype, affine, track running statistics)
 CASES = [
     ((6, 5), torch.contiguous_format, torch.float32, True, True),
     ((4, 3, 7), torch.contiguous_format, torch.float64, True, False),
@@ -26,6 +26,9 @@ CASES = [
     ((3, 4, 5, 6), torch.channels_last, torch.bfloat16, True, True),
     ((2, 3, 2, 3, 4), torch.channels_last_3d, torch.float32, True, True),
     ((0, 4, 5, 6), torch.contiguous_format, torch.float32, True, True),  # a rank with no samples
+    ((3, 4, 5, 6), torch.contiguous_format, torch.bfloat16, True, True),
+    ((2, 8, 48, 48), torch.channels_last, torch.float64, True, True),  # enough rows to split between threads
+    ((2, 3, 4, 5), None, torch.float32, True, True),  # the input gradient's two-pass fallback
 ]
 
 
@@ -42,8 +45,12 @@ def _layer_step(functions, case, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     channels = shape[1]
     x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 2).to(dtype)
-    x = x.contiguous(memory_format=memory_format)
-    dy = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=memory_format)
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    if memory_format is None:
+        x, dy = (torch.stack([t, t], dim=-1)[..., 1] for t in (x, dy))
+        assert not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+    else:
+        x, dy = (t.contiguous(memory_format=memory_format) for t in (x, dy))
     stats_dtype = torch.promote_types(dtype, torch.float32)  # also the parameters' dtype (fp32 under autocast)
     weight = torch.linspace(0.5, 2.0, channels, dtype=stats_dtype) if affine else None
     bias = torch.linspace(-1.0, 1.0, channels, dtype=stats_dtype) if affine else None
@@ -76,7 +83,7 @@ def test_compiled_kernels_compute_what_the_reference_computes(case, monkeypatch)
         assert (got.dtype, got.shape) == (value.dtype, value.shape), key
         # Same formulas in the same order; the reference's two small matmuls may round differently in the last place.
         torch.testing.assert_close(got, value, msg=key)
-    if case[1] is not torch.contiguous_format and case[0][0] > 0:
+    if case[1] not in (torch.contiguous_format, None) and case[0][0] > 0:
         assert compiled["grad_in"].is_contiguous(memory_format=case[1])
 
 

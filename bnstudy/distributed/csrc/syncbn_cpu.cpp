@@ -2,6 +2,8 @@
 // formulas in the same order, as bnstudy/distributed/syncbn_math.py (the reference; its docstrings state the
 // contract). Compiled because each of the ~25 small torch/NumPy calls the reference makes a layer costs 5-30 us
 // from Python on a small CPU; here they are plain loops over channels and direct ATen calls.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <cmath>
@@ -121,20 +123,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_sums(
   return {sums, grad_weight, grad_bias, dy};
 }
 
+// dx = scale*dy + k_x*x + k_0, computed in x's opmath type and rounded once to x's dtype: one pass over x and dy
+// when both are dense in x's memory format (what a conv net hands over), else the reference's two addcmul passes.
+// A channels-last tensor is (rows, C) in memory, a contiguous one (N*C, spatial).
+static bool fused_input_gradient(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& k_x, const at::Tensor& k_0,
+                                 const at::Tensor& scale, at::Tensor& grad_in) {
+  const auto format = x.suggest_memory_format();
+  if (dy.scalar_type() != x.scalar_type() || !x.is_contiguous(format) || !dy.is_contiguous(format)) return false;
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "input_gradient", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (k_x.scalar_type() != c10::CppTypeToScalarType<acc_t>::value) return;
+    grad_in = at::empty_like(x, format);
+    const int64_t channels = x.size(1);
+    const int64_t numel = x.numel();
+    if (numel == 0) {
+      done = true;
+      return;
+    }
+    const scalar_t* xs = x.const_data_ptr<scalar_t>();
+    const scalar_t* dys = dy.const_data_ptr<scalar_t>();
+    scalar_t* out = grad_in.data_ptr<scalar_t>();
+    const acc_t* kx = k_x.const_data_ptr<acc_t>();
+    const acc_t* k0 = k_0.const_data_ptr<acc_t>();
+    const acc_t* a = scale.const_data_ptr<acc_t>();
+    if (format != at::MemoryFormat::Contiguous) {
+      at::parallel_for(0, numel / channels, 1 + (1 << 14) / channels, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t o = r * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            out[o + c] = static_cast<scalar_t>(k0[c] + static_cast<acc_t>(xs[o + c]) * kx[c] +
+                                               static_cast<acc_t>(dys[o + c]) * a[c]);
+          }
+        }
+      });
+    } else {
+      const int64_t spatial = numel / (x.size(0) * channels);
+      at::parallel_for(0, numel / spatial, 1 + (1 << 14) / spatial, [&](int64_t begin, int64_t end) {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t c = plane % channels;
+          const int64_t o = plane * spatial;
+          for (int64_t i = 0; i < spatial; ++i) {
+            out[o + i] = static_cast<scalar_t>(k0[c] + static_cast<acc_t>(xs[o + i]) * kx[c] +
+                                               static_cast<acc_t>(dys[o + i]) * a[c]);
+          }
+        }
+      });
+    }
+    done = true;
+  });
+  return done;
+}
+
 at::Tensor input_gradient(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                           const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& sums, int64_t total) {
   const int64_t channels = x.size(1);
-  auto scale = present(weight) ? weight->detach().to(mean.scalar_type()) * invstd : invstd;
+  const auto scale = (present(weight) ? weight->detach().to(mean.scalar_type()) * invstd : invstd).contiguous();
   auto k_x = at::empty({channels}, mean.options());
   auto k_0 = at::empty({channels}, mean.options());
   const auto summed = sums.contiguous();
-  const auto scale_c = scale.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "input_gradient", [&] {
+  const auto mean_c = mean.contiguous();
+  const auto invstd_c = invstd.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "input_gradient_coefficients", [&] {
     const scalar_t* sum_dy = summed.data_ptr<scalar_t>();
     const scalar_t* sum_dy_xhat = sum_dy + channels;
-    const scalar_t* m = mean.data_ptr<scalar_t>();
-    const scalar_t* s = invstd.data_ptr<scalar_t>();
-    const scalar_t* a = scale_c.data_ptr<scalar_t>();
+    const scalar_t* m = mean_c.data_ptr<scalar_t>();
+    const scalar_t* s = invstd_c.data_ptr<scalar_t>();
+    const scalar_t* a = scale.data_ptr<scalar_t>();
     scalar_t* kx = k_x.data_ptr<scalar_t>();
     scalar_t* k0 = k_0.data_ptr<scalar_t>();
     const scalar_t n = static_cast<scalar_t>(total);
@@ -144,9 +199,11 @@ at::Tensor input_gradient(const at::Tensor& dy, const at::Tensor& x, const std::
       k0[c] = -a[c] * sum_dy[c] / n - kx[c] * m[c];
     }
   });
+  at::Tensor grad_in;
+  if (fused_input_gradient(dy, x, k_x, k_0, scale, grad_in)) return grad_in;
   const auto shape = channel_shape(x);
-  auto grad_in = at::addcmul(k_0.view(shape), x, k_x.view(shape));
-  grad_in.addcmul_(dy, scale_c.view(shape));
+  grad_in = at::addcmul(k_0.view(shape), x, k_x.view(shape));
+  grad_in.addcmul_(dy, scale.view(shape));
   return grad_in.to(x.scalar_type());
 }
 
