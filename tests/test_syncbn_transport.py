@@ -40,6 +40,8 @@ def test_one_host_runs_sync_bn_over_shared_memory(two_rank_runs):
 
 
 def test_two_jobs_at_once_and_forced_gloo_agree_with_shared_memory(tmp_path):
+    """Sync BN's exchanges, DDP's gradients and the per-step metrics all through shared memory (twice at once), or
+    all through gloo: the same training."""
     before = _segments()
     args = [*TINY, "--epochs", "1", "--norm", "syncbn", "--eval-bn", "local"]
     env = {"OMP_NUM_THREADS": "1"}
@@ -47,7 +49,7 @@ def test_two_jobs_at_once_and_forced_gloo_agree_with_shared_memory(tmp_path):
     def start(name: str, transport: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
         cmd += [str(ROOT / "launch" / "train_cifar.py"), *args, "--out", str(tmp_path / name)]
-        job_env = {**os.environ, **env, "BNSTUDY_SYNCBN_TRANSPORT": transport}
+        job_env = {**os.environ, **env, "BNSTUDY_SYNCBN_TRANSPORT": transport, "BNSTUDY_DDP_TRANSPORT": transport}
         return subprocess.Popen(cmd, cwd=ROOT, env=job_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     jobs = {"shm-a": start("shm-a", "shm"), "shm-b": start("shm-b", "shm"), "gloo": start("gloo", "gloo")}
@@ -55,7 +57,7 @@ def test_two_jobs_at_once_and_forced_gloo_agree_with_shared_memory(tmp_path):
     for name, job in jobs.items():
         assert job.returncode == 0, outputs[name][-3000:]
         assert f"sync BN over {name.split('-')[0]}" in outputs[name]
-        assert "gradients over shm" in outputs[name]
+        assert f"gradients over {name.split('-')[0]}" in outputs[name]
     metrics = {name: _jsonl(tmp_path / name / "metrics.jsonl")[0] for name in jobs}
     for key in ("train_loss", "test_loss", "test_acc"):  # same sums in another order: equal to rounding
         assert metrics["shm-a"][key] == metrics["shm-b"][key]

@@ -94,10 +94,16 @@ def main_print(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
-    """Sum a vector of numbers over all ranks (float64); a no-op without a process group."""
+def all_reduce_sum(
+    values: list[float] | torch.Tensor, device: torch.device | None = None, exchange=None
+) -> torch.Tensor:
+    """Sum a vector of numbers over all ranks (float64); a no-op without a process group. ``exchange`` (a
+    :class:`~bnstudy.distributed.shm_allreduce.ShmAllReduce` over all ranks) sums it through shared memory instead
+    of the default group."""
     tensor = torch.as_tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if exchange is not None:
+        exchange.all_reduce(tensor)
+    elif dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
     return tensor
 

@@ -25,7 +25,7 @@ from bnstudy import __version__
 from bnstudy.data import to_model_input
 from bnstudy.distributed.bn_statistics import bn_layers, bn_statistics_report, sync_bn_buffers
 from bnstudy.distributed.collectives import select_transport, world_group_for_syncbn
-from bnstudy.distributed.ddp_gradients import wrap_ddp
+from bnstudy.distributed.ddp_gradients import metrics_exchange, wrap_ddp
 from bnstudy.distributed.process_group import DistEnv, all_reduce_sum, main_print
 from bnstudy.distributed.syncbn_kernels import cpu_kernels
 from bnstudy.edge.qat import freeze_bn_statistics, prepare_qat
@@ -60,6 +60,7 @@ class Trainer:
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model = model.to(env.device, memory_format=self.memory_format)
         self.ddp, self.ddp_transport = wrap_ddp(self.model, env.device) if env.distributed else (self.model, None)
+        self.metrics_exchange = metrics_exchange() if env.distributed and env.device.type == "cpu" else None
         self.sampler = DistributedSampler(
             range(len(self.data.train)),
             num_replicas=env.world_size,
@@ -131,7 +132,7 @@ class Trainer:
                 self.grad_scaler.update()
                 self.scheduler.step()
             batch_stats = [loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)]
-            stats = all_reduce_sum(batch_stats, self.env.device).cpu()
+            stats = all_reduce_sum(batch_stats, self.env.device, self.metrics_exchange).cpu()
             if not math.isfinite(stats[0].item()):
                 raise UserError(f"non-finite loss at epoch {epoch + 1} step {step + 1}; {self._last_checkpoint()}")
             totals += stats
