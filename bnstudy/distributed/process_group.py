@@ -8,12 +8,16 @@ import socket
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bnstudy.errors import UserError
+
+if TYPE_CHECKING:  # shm_allreduce imports this module
+    from bnstudy.distributed.shm_allreduce import ShmAllReduce
 
 # DDP suggests forward_sync_buffers over broadcast_buffers=False, but that still syncs buffers at init, and bnstudy
 # needs rank-local BN buffers to show how plain BN's statistics diverge.
@@ -95,11 +99,10 @@ def main_print(*args, **kwargs) -> None:
 
 
 def all_reduce_sum(
-    values: list[float] | torch.Tensor, device: torch.device | None = None, exchange=None
+    values: list[float] | torch.Tensor, device: torch.device | None = None, exchange: ShmAllReduce | None = None
 ) -> torch.Tensor:
     """Sum a vector of numbers over all ranks (float64); a no-op without a process group. ``exchange`` (a
-    :class:`~bnstudy.distributed.shm_allreduce.ShmAllReduce` over all ranks) sums it through shared memory instead
-    of the default group."""
+    shared-memory all-reduce over all ranks) sums it through shared memory instead of the default group."""
     tensor = torch.as_tensor(values, dtype=torch.float64, device=device)
     if exchange is not None:
         exchange.all_reduce(tensor)
