@@ -88,6 +88,30 @@ def test_compiled_kernels_compute_what_the_reference_computes(case, monkeypatch)
 
 
 @needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_the_fused_input_gradient_rounds_as_atens_two_passes(dtype, memory_format, monkeypatch):
+    """One pass over a dense input gives the bits ATen's two ``addcmul`` passes give (the compiled build's fallback
+    for a strided input): SyncBN's chaotic small-batch training must not change with the layout or the build."""
+    monkeypatch.setenv(KERNELS_ENV, "compiled")
+    functions = cpu_kernels().functions
+    gen = torch.Generator().manual_seed(3)
+    shape = (16, 8, 12, 12)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 2).to(dtype)
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    x, dy = (t.contiguous(memory_format=memory_format) for t in (x, dy))
+    stats = torch.promote_types(dtype, torch.float32)
+    weight = torch.linspace(0.5, 2.0, 8, dtype=stats)
+    rows = functions.statistics_table(x, 0, 1)
+    _, mean, invstd, total = functions.normalise(rows, x, weight, None, None, None, 1e-5, 0.1)
+    sums = torch.randn(16, generator=gen, dtype=torch.float64).to(stats) * total
+    fused = functions.input_gradient(dy, x, weight, mean, invstd, sums, total)
+    strided_x, strided_dy = (torch.stack([t, t], dim=-1)[..., 0] for t in (x, dy))
+    two_pass = functions.input_gradient(strided_dy, strided_x, weight, mean, invstd, sums, total)
+    assert torch.equal(fused, two_pass)
+
+
+@needs_compiled
 def test_compiled_kernels_refuse_a_single_value_per_channel(monkeypatch):
     monkeypatch.setenv(KERNELS_ENV, "compiled")
     functions = cpu_kernels().functions

@@ -2,6 +2,8 @@
 // formulas in the same order, as bnstudy/distributed/syncbn_math.py (the reference; its docstrings state the
 // contract). Compiled because each of the ~25 small torch/NumPy calls the reference makes a layer costs 5-30 us
 // from Python on a small CPU; here they are plain loops over channels and direct ATen calls.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <cmath>
@@ -11,6 +13,18 @@
 #include <vector>
 
 namespace {
+
+// a * b + c rounded as ATen's vectorised CPU kernels round it: once (a fused multiply-add) where this build may use
+// FMA instructions (bnstudy passes -mfma where the CPU has them, and ATen's AVX2/AVX-512 kernels contract there),
+// twice elsewhere.
+template <typename T>
+inline T multiply_add(T a, T b, T c) {
+#ifdef __FMA__
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
 
 at::ScalarType statistics_type(const at::Tensor& x) { return at::promote_types(x.scalar_type(), at::kFloat); }
 
@@ -48,6 +62,35 @@ at::Tensor statistics_table(const at::Tensor& x, int64_t rank, int64_t world_siz
     }
   });
   return rows;
+}
+
+// running <- (1 - momentum) * running + momentum * batch statistic (the variance unbiased), as a loop over channels
+// where the buffers are contiguous in the statistics' dtype (as ATen ops they are 5 calls of a few us each).
+static void update_running(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                           const at::Tensor& var, int64_t total, double momentum) {
+  const double unbias = static_cast<double>(total) / (total - 1);
+  const bool loop = running_mean.scalar_type() == mean.scalar_type() &&
+                    running_var.scalar_type() == mean.scalar_type() && running_mean.is_contiguous() &&
+                    running_var.is_contiguous() && running_mean.device().is_cpu() && running_var.device().is_cpu();
+  if (!loop) {
+    at::NoGradGuard no_grad;
+    running_mean.mul_(1 - momentum).add_(mean, momentum);
+    running_var.mul_(1 - momentum).add_(var * unbias, momentum);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "update_running", [&] {
+    const scalar_t keep = static_cast<scalar_t>(1 - momentum);
+    const scalar_t take = static_cast<scalar_t>(momentum);
+    const scalar_t u = static_cast<scalar_t>(unbias);
+    const scalar_t* m = mean.const_data_ptr<scalar_t>();
+    const scalar_t* v = var.const_data_ptr<scalar_t>();
+    scalar_t* rm = running_mean.data_ptr<scalar_t>();
+    scalar_t* rv = running_var.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < mean.numel(); ++c) {
+      rm[c] = multiply_add(m[c], take, rm[c] * keep);
+      rv[c] = multiply_add(v[c] * u, take, rv[c] * keep);
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> normalise(
@@ -92,11 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> normalise(
         "SyncBatchNorm needs more than 1 value per channel across all ranks when training, got " +
         std::to_string(total));
   }
-  if (present(running_mean)) {
-    at::NoGradGuard no_grad;
-    running_mean->mul_(1 - momentum).add_(mean, momentum);
-    running_var->mul_(1 - momentum).add_(var * (static_cast<double>(total) / (total - 1)), momentum);
-  }
+  if (present(running_mean)) update_running(*running_mean, *running_var, mean, var, total, momentum);
   // Eval-mode native batch norm normalises with given statistics in one elementwise pass.
   auto out = at::batch_norm(x, weight, bias, mean, var, false, 0.0, eps, false);
   return {out, mean, invstd, total};
@@ -121,20 +160,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_sums(
   return {sums, grad_weight, grad_bias, dy};
 }
 
+// dx = scale*dy + k_x*x + k_0, computed in x's opmath type and rounded once to x's dtype: one pass over x and dy
+// when both are dense in x's memory format (what a conv net hands over), else the reference's two addcmul passes.
+// A channels-last tensor is (rows, C) in memory, a contiguous one (N*C, spatial).
+static bool fused_input_gradient(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& k_x, const at::Tensor& k_0,
+                                 const at::Tensor& scale, at::Tensor& grad_in) {
+  const auto format = x.suggest_memory_format();
+  if (dy.scalar_type() != x.scalar_type() || !x.is_contiguous(format) || !dy.is_contiguous(format)) return false;
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "input_gradient", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (k_x.scalar_type() != c10::CppTypeToScalarType<acc_t>::value) return;
+    grad_in = at::empty_like(x, format);
+    const int64_t channels = x.size(1);
+    const int64_t numel = x.numel();
+    if (numel == 0) {
+      done = true;
+      return;
+    }
+    const scalar_t* xs = x.const_data_ptr<scalar_t>();
+    const scalar_t* dys = dy.const_data_ptr<scalar_t>();
+    scalar_t* out = grad_in.data_ptr<scalar_t>();
+    const acc_t* kx = k_x.const_data_ptr<acc_t>();
+    const acc_t* k0 = k_0.const_data_ptr<acc_t>();
+    const acc_t* a = scale.const_data_ptr<acc_t>();
+    if (format != at::MemoryFormat::Contiguous) {
+      at::parallel_for(0, numel / channels, 1 + (1 << 14) / channels, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t o = r * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            out[o + c] = static_cast<scalar_t>(multiply_add(
+                static_cast<acc_t>(dys[o + c]), a[c], multiply_add(static_cast<acc_t>(xs[o + c]), kx[c], k0[c])));
+          }
+        }
+      });
+    } else {
+      const int64_t spatial = numel / (x.size(0) * channels);
+      at::parallel_for(0, numel / spatial, 1 + (1 << 14) / spatial, [&](int64_t begin, int64_t end) {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t c = plane % channels;
+          const int64_t o = plane * spatial;
+          for (int64_t i = 0; i < spatial; ++i) {
+            out[o + i] = static_cast<scalar_t>(multiply_add(
+                static_cast<acc_t>(dys[o + i]), a[c], multiply_add(static_cast<acc_t>(xs[o + i]), kx[c], k0[c])));
+          }
+        }
+      });
+    }
+    done = true;
+  });
+  return done;
+}
+
 at::Tensor input_gradient(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                           const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& sums, int64_t total) {
   const int64_t channels = x.size(1);
-  auto scale = present(weight) ? weight->detach().to(mean.scalar_type()) * invstd : invstd;
+  const auto scale = (present(weight) ? weight->detach().to(mean.scalar_type()) * invstd : invstd).contiguous();
   auto k_x = at::empty({channels}, mean.options());
   auto k_0 = at::empty({channels}, mean.options());
   const auto summed = sums.contiguous();
-  const auto scale_c = scale.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "input_gradient", [&] {
+  const auto mean_c = mean.contiguous();
+  const auto invstd_c = invstd.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "input_gradient_coefficients", [&] {
     const scalar_t* sum_dy = summed.data_ptr<scalar_t>();
     const scalar_t* sum_dy_xhat = sum_dy + channels;
-    const scalar_t* m = mean.data_ptr<scalar_t>();
-    const scalar_t* s = invstd.data_ptr<scalar_t>();
-    const scalar_t* a = scale_c.data_ptr<scalar_t>();
+    const scalar_t* m = mean_c.data_ptr<scalar_t>();
+    const scalar_t* s = invstd_c.data_ptr<scalar_t>();
+    const scalar_t* a = scale.data_ptr<scalar_t>();
     scalar_t* kx = k_x.data_ptr<scalar_t>();
     scalar_t* k0 = k_0.data_ptr<scalar_t>();
     const scalar_t n = static_cast<scalar_t>(total);
@@ -144,9 +236,11 @@ at::Tensor input_gradient(const at::Tensor& dy, const at::Tensor& x, const std::
       k0[c] = -a[c] * sum_dy[c] / n - kx[c] * m[c];
     }
   });
+  at::Tensor grad_in;
+  if (fused_input_gradient(dy, x, k_x, k_0, scale, grad_in)) return grad_in;
   const auto shape = channel_shape(x);
-  auto grad_in = at::addcmul(k_0.view(shape), x, k_x.view(shape));
-  grad_in.addcmul_(dy, scale_c.view(shape));
+  grad_in = at::addcmul(k_0.view(shape), x, k_x.view(shape));
+  grad_in.addcmul_(dy, scale.view(shape));
   return grad_in.to(x.scalar_type());
 }
 
