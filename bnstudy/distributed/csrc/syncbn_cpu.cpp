@@ -14,9 +14,9 @@
 
 namespace {
 
-// a * b + c rounded as ATen's vectorised CPU kernels round it: once (a fused multiply-add) where this build may use
-// FMA instructions (bnstudy passes -mfma where the CPU has them, and ATen's AVX2/AVX-512 kernels contract there),
-// twice elsewhere.
+// a * b + c rounded as ATen's CPU kernels round it, so the fused passes below give ATen's bits: once (a fused
+// multiply-add) where bnstudy builds with -mfma, which it does where PyTorch runs its AVX2/AVX-512 kernels (built
+// with FMA, and they contract), twice elsewhere. The build's -ffp-contract=off keeps every other expression unfused.
 template <typename T>
 inline T multiply_add(T a, T b, T c) {
 #ifdef __FMA__
@@ -86,7 +86,8 @@ static void update_running(const at::Tensor& running_mean, const at::Tensor& run
     const scalar_t* v = var.const_data_ptr<scalar_t>();
     scalar_t* rm = running_mean.data_ptr<scalar_t>();
     scalar_t* rv = running_var.data_ptr<scalar_t>();
-    for (int64_t c = 0; c < mean.numel(); ++c) {
+    const int64_t channels = mean.numel();
+    for (int64_t c = 0; c < channels; ++c) {
       rm[c] = multiply_add(m[c], take, rm[c] * keep);
       rv[c] = multiply_add(v[c] * u, take, rv[c] * keep);
     }
@@ -163,8 +164,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_sums(
 // dx = scale*dy + k_x*x + k_0, computed in x's opmath type and rounded once to x's dtype: one pass over x and dy
 // when both are dense in x's memory format (what a conv net hands over), else the reference's two addcmul passes.
 // A channels-last tensor is (rows, C) in memory, a contiguous one (N*C, spatial).
-static bool fused_input_gradient(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& k_x, const at::Tensor& k_0,
-                                 const at::Tensor& scale, at::Tensor& grad_in) {
+static bool fused_input_gradient(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& k_x,
+                                 const at::Tensor& k_0, const at::Tensor& scale, at::Tensor& grad_in) {
   const auto format = x.suggest_memory_format();
   if (dy.scalar_type() != x.scalar_type() || !x.is_contiguous(format) || !dy.is_contiguous(format)) return false;
   bool done = false;
