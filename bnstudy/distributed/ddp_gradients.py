@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bnstudy.distributed.collectives import TRANSPORTS, shared_memory_exchange
-from bnstudy.distributed.shm_allreduce import ShmAllReduce
+from bnstudy.distributed.shm_allreduce import DEFAULT_MAX_NUMEL, ShmAllReduce
 from bnstudy.errors import env_choice
 
 __all__ = [
@@ -39,7 +39,7 @@ METRICS_ALL_REDUCE = "bnstudy.metrics.all_reduce"
 # in cache while they are summed.
 CHUNK_NUMEL = 1 << 18
 
-_exchanges: dict[tuple[dist.ProcessGroup, str], ShmAllReduce | None] = {}
+_exchanges: dict[tuple[dist.ProcessGroup, str, str], ShmAllReduce | None] = {}
 
 
 def requested_ddp_transport() -> str:
@@ -72,24 +72,24 @@ def gradient_transport(device: torch.device | None = None, requested: str | None
 
 
 def _gradient_exchange(requested: str | None) -> ShmAllReduce | None:
-    requested = requested or requested_ddp_transport()
-    key = (dist.group.WORLD, requested)
-    if key not in _exchanges:
-        _exchanges[key] = shared_memory_exchange(
-            dist.group.WORLD, requested, DDP_TRANSPORT_ENV, label=DDP_ALL_REDUCE, max_numel=CHUNK_NUMEL
-        )
-    return _exchanges[key]
+    return _world_exchange(requested or requested_ddp_transport(), DDP_ALL_REDUCE, CHUNK_NUMEL)
 
 
 def metrics_exchange() -> ShmAllReduce | None:
-    """A shared-memory all-reduce over all ranks for a training loop's per-step metrics (loss, accuracy), where DDP's
-    gradients travel through shared memory too (else None): through gloo that sum of 3 numbers costs 1–2 ms a
-    step, a sixth of a small-batch step here. A collective: every rank calls it."""
-    if gradient_transport() != "shm":
-        return None
-    key = (dist.group.WORLD, METRICS_ALL_REDUCE)
+    """A shared-memory all-reduce over all ranks for a training loop's per-step metrics (loss, accuracy), for runs
+    whose gradients travel through shared memory (:func:`wrap_ddp` said "shm"): through gloo that sum of 3 numbers
+    costs 1–2 ms a step, a sixth of a small-batch step here. A collective: every rank calls it."""
+    return _world_exchange("shm", METRICS_ALL_REDUCE, DEFAULT_MAX_NUMEL)
+
+
+def _world_exchange(requested: str, label: str, max_numel: int) -> ShmAllReduce | None:
+    """The shared-memory exchange over all ranks labelled ``label``, made on first use (None where ``requested``
+    or the machine rules shared memory out)."""
+    key = (dist.group.WORLD, requested, label)
     if key not in _exchanges:
-        _exchanges[key] = shared_memory_exchange(dist.group.WORLD, "shm", DDP_TRANSPORT_ENV, label=METRICS_ALL_REDUCE)
+        _exchanges[key] = shared_memory_exchange(
+            dist.group.WORLD, requested, DDP_TRANSPORT_ENV, label=label, max_numel=max_numel
+        )
     return _exchanges[key]
 
 

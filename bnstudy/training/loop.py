@@ -60,7 +60,7 @@ class Trainer:
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model = model.to(env.device, memory_format=self.memory_format)
         self.ddp, self.ddp_transport = wrap_ddp(self.model, env.device) if env.distributed else (self.model, None)
-        self.metrics_exchange = metrics_exchange() if env.distributed and env.device.type == "cpu" else None
+        self.metrics_exchange = metrics_exchange() if self.ddp_transport == "shm" else None
         self.sampler = DistributedSampler(
             range(len(self.data.train)),
             num_replicas=env.world_size,
