@@ -13,9 +13,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import bnstudy.distributed.syncbn_math as syncbn_math
-from bnstudy.distributed.collectives import TRANSPORT_ENV, select_transport, world_group_for_syncbn
+from bnstudy.distributed.collectives import TIMEOUT_ENV, TRANSPORT_ENV, select_transport, world_group_for_syncbn
 from bnstudy.distributed.process_group import spawn_gloo
-from bnstudy.distributed.shm_allreduce import fast_path_supported
+from bnstudy.distributed.shm_allreduce import PeerLostError, fast_path_supported
 from bnstudy.distributed.syncbn import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 from bnstudy.distributed.syncbn_kernels import KERNELS_ENV, cpu_kernels
 from bnstudy.models import seed_cnn
@@ -231,6 +231,25 @@ def test_bf16_check_catches_statistics_reduced_in_bf16(tmp_path):
     cases = [("bn2d", (3, 5), {})]
     spawn_gloo(_run_cases, 2, cases, str(tmp_path), "bf16-statistics", "auto", True)
     assert any("running_mean" in p or "running_var" in p for p in compare(cases, 2, tmp_path, bf16=True))
+
+
+def _rank_1_skips_backward(rank: int, world_size: int, out: str, kernels: str) -> None:
+    os.environ.update({TRANSPORT_ENV: "shm", KERNELS_ENV: kernels, TIMEOUT_ENV: "1"})
+    x = torch.randn(4, C, 3, 3, requires_grad=True)
+    y = SyncBatchNorm(C)(x)
+    if rank == 1:
+        return
+    try:
+        y.sum().backward()
+    except PeerLostError as exc:  # the exchange's own error type, out of autograd's engine
+        Path(out, "error.txt").write_text(str(exc))
+
+
+@pytest.mark.skipif(not fast_path_supported(), reason="shared memory needs x86-64")
+@pytest.mark.parametrize("kernels", KERNELS_HERE)
+def test_a_peer_lost_in_backward_is_named_by_the_exchange(kernels, tmp_path):
+    spawn_gloo(_rank_1_skips_backward, 2, str(tmp_path), kernels)
+    assert (tmp_path / "error.txt").read_text().startswith("shared-memory all-reduce: rank 1 did not arrive within 1 s")
 
 
 def _train_converted(rank: int, world_size: int, out: str) -> None:

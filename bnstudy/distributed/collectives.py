@@ -10,7 +10,9 @@ kernels over the group's backend (nccl).
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -54,7 +56,6 @@ def _timeout_s() -> float:
 
 
 _transports: dict[dist.ProcessGroup, ShmAllReduce | None] = {}
-_UNCHOSEN = object()
 
 
 def local_transports() -> tuple[str, ...]:
@@ -90,15 +91,25 @@ def shared_memory_exchange(
     return ShmAllReduce(group, max_numel=max_numel, timeout_s=timeout_s, label=label) if use_shm else None
 
 
-def syncbn_all_reduce(tensor: Tensor, group: dist.ProcessGroup) -> None:
-    """In-place sum over ``group`` for sync BN, over the group's transport (chosen on first use)."""
-    transport = _transports.get(group, _UNCHOSEN)
-    if transport is _UNCHOSEN:
+_exchanges: dict[dist.ProcessGroup, Callable[[Tensor], object]] = {}
+
+
+def syncbn_exchange(group: dist.ProcessGroup) -> Callable[[Tensor], object]:
+    """The in-place sum over ``group`` that sync BN's collectives use, over the group's transport (chosen on first
+    use; a collective then). One callable per group, so the compiled layer can hold it across forward and
+    backward."""
+    exchange = _exchanges.get(group)
+    if exchange is None:
         select_transport(group)
         transport = _transports.get(group)
-    if transport is not None:
-        transport.all_reduce(tensor)
-        return
+        exchange = (
+            transport.all_reduce if transport is not None else functools.partial(_labelled_all_reduce, group=group)
+        )
+        _exchanges[group] = exchange
+    return exchange
+
+
+def _labelled_all_reduce(tensor: Tensor, group: dist.ProcessGroup) -> None:
     with torch.profiler.record_function(SYNCBN_ALL_REDUCE):
         all_reduce_polling(tensor, group)
 

@@ -3,8 +3,9 @@
 PyTorch's ``nn.SyncBatchNorm`` only runs on accelerators, and DDP refuses a CPU module that holds one. This
 module keeps PyTorch's semantics (count-weighted global statistics, biased variance for normalising, unbiased
 for ``running_var``, local weight/bias gradients that DDP averages) and runs them on every device: on CUDA it
-calls PyTorch's own sync kernels, elsewhere an autograd Function with one collective in forward and one in
-backward, doing the elementwise work with the native batch-norm kernels.
+calls PyTorch's own sync kernels, elsewhere one autograd op (compiled, or an autograd Function over the reference
+arithmetic) with one collective in forward and one in backward, doing the elementwise work with the native
+batch-norm kernels.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules._functions import SyncBatchNorm as _CudaSyncBatchNormFunction
 
-from bnstudy.distributed.collectives import syncbn_all_reduce, world_group_for_syncbn
+from bnstudy.distributed import syncbn_math
+from bnstudy.distributed.collectives import syncbn_exchange, world_group_for_syncbn
 from bnstudy.distributed.syncbn_kernels import cpu_kernels
 
 __all__ = ["SyncBatchNorm", "BatchNormXd", "convert_sync_batchnorm", "revert_sync_batchnorm"]
@@ -23,29 +25,30 @@ _ACCELERATORS = ("cuda", "xpu", "hpu")
 
 
 class _CpuSyncBatchNormFunction(torch.autograd.Function):
-    """One all-reduce in forward (the statistics table) and one in backward (the gradient sums); the arithmetic
-    around them is :mod:`bnstudy.distributed.syncbn_math`'s, compiled where it builds."""
+    """Sync BN on CPU from Python, for the reference build: :mod:`bnstudy.distributed.syncbn_math`'s functions with
+    one exchange in forward (the statistics table) and one in backward (the gradient sums). The compiled build does
+    the same as one autograd op (``sync_batch_norm`` in ``csrc/syncbn_cpu.cpp``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, process_group, world_size):
-        kernels = cpu_kernels().functions
-        rows = kernels.statistics_table(x, dist.get_rank(process_group), world_size)
-        syncbn_all_reduce(rows, process_group)
-        out, mean, invstd, total = kernels.normalise(rows, x, weight, bias, running_mean, running_var, eps, momentum)
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, rank, world_size, exchange):
+        rows = syncbn_math.statistics_table(x, rank, world_size)
+        exchange(rows)
+        out, mean, invstd, total = syncbn_math.normalise(
+            rows, x, weight, bias, running_mean, running_var, eps, momentum
+        )
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.kernels, ctx.total, ctx.eps, ctx.process_group = kernels, total, eps, process_group
+        ctx.total, ctx.eps, ctx.exchange = total, eps, exchange
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, mean, invstd = ctx.saved_tensors
-        kernels = ctx.kernels
-        sums, grad_weight, grad_bias, dy = kernels.gradient_sums(grad_out, x, weight, mean, invstd, ctx.eps)
-        syncbn_all_reduce(sums, ctx.process_group)
-        grad_in = kernels.input_gradient(dy, x, weight, mean, invstd, sums, ctx.total)
+        sums, grad_weight, grad_bias, dy = syncbn_math.gradient_sums(grad_out, x, weight, mean, invstd, ctx.eps)
+        ctx.exchange(sums)
+        grad_in = syncbn_math.input_gradient(dy, x, weight, mean, invstd, sums, ctx.total)
         if weight is None:
-            return grad_in, None, None, None, None, None, None, None, None
-        return grad_in, grad_weight, grad_bias, None, None, None, None, None, None
+            return grad_in, None, None, None, None, None, None, None, None, None
+        return grad_in, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -94,9 +97,23 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps
             )
         group = self.process_group or world_group_for_syncbn()
-        function = _CudaSyncBatchNormFunction if input.device.type in _ACCELERATORS else _CpuSyncBatchNormFunction
-        return function.apply(
-            input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group, world_size
+        if input.device.type in _ACCELERATORS:
+            return _CudaSyncBatchNormFunction.apply(
+                input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group, world_size
+            )
+        kernels = cpu_kernels()
+        apply = kernels.functions.sync_batch_norm if kernels.name == "compiled" else _CpuSyncBatchNormFunction.apply
+        return apply(
+            input,
+            self.weight,
+            self.bias,
+            running_mean,
+            running_var,
+            self.eps,
+            factor,
+            dist.get_rank(group),
+            world_size,
+            syncbn_exchange(group),
         )
 
     def _sync_world_size(self) -> int:

@@ -4,9 +4,14 @@
 // from Python on a small CPU; here they are plain loops over channels and direct ATen calls.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/extension.h>
 
 #include <cmath>
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -245,9 +250,102 @@ at::Tensor input_gradient(const at::Tensor& dy, const at::Tensor& x, const std::
   return grad_in.to(x.scalar_type());
 }
 
+namespace {
+
+// The Python callable that sums a tensor over the ranks in place (the transport's all-reduce). An autograd node holds
+// it and may be freed on a thread that does not hold the GIL, so the reference is dropped under the GIL.
+class Exchange {
+ public:
+  explicit Exchange(pybind11::object all_reduce) : all_reduce_(all_reduce.release().ptr()) {}
+  Exchange(const Exchange&) = delete;
+  Exchange& operator=(const Exchange&) = delete;
+  ~Exchange() {
+    if (Py_IsInitialized()) {
+      pybind11::gil_scoped_acquire gil;
+      Py_DECREF(all_reduce_);
+    }
+  }
+  // A Python exception (a lost peer, mismatched sizes) propagates as itself, through backward too.
+  void operator()(const at::Tensor& tensor) const {
+    pybind11::gil_scoped_acquire gil;
+    const pybind11::handle all_reduce(all_reduce_);
+    all_reduce(tensor);
+  }
+
+ private:
+  PyObject* all_reduce_;
+};
+
+// Backward of one sync BN layer: gradient sums, their exchange, the input gradient; no Python but the exchange.
+struct SyncBatchNormBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable x, weight;
+  at::Tensor mean, invstd;
+  double eps = 0;
+  int64_t total = 0;
+  std::shared_ptr<Exchange> exchange;
+
+  std::string name() const override { return "SyncBatchNormBackward"; }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    at::NoGradGuard no_grad;
+    const auto input = x.unpack();
+    const auto w = weight.unpack();
+    const std::optional<at::Tensor> weight_or_none = w.defined() ? std::optional<at::Tensor>(w) : std::nullopt;
+    // Every rank exchanges, even one whose output got no gradient.
+    const auto grad_out = grads[0].defined() ? grads[0] : at::zeros_like(input);
+    auto [sums, grad_weight, grad_bias, dy] = gradient_sums(grad_out, input, weight_or_none, mean, invstd, eps);
+    (*exchange)(sums);
+    auto grad_in = input_gradient(dy, input, weight_or_none, mean, invstd, sums, total);
+    if (!w.defined()) return {grad_in, at::Tensor(), at::Tensor()};
+    return {grad_in, grad_weight, grad_bias};
+  }
+
+  void release_variables() override {
+    x.reset_data();
+    weight.reset_data();
+    mean.reset();
+    invstd.reset();
+  }
+};
+
+}  // namespace
+
+// One sync BN layer in training, as an autograd op: forward (statistics, exchange, normalise) in one call from
+// Python and backward with none, which is what the layer costs over plain BN in a small model.
+at::Tensor sync_batch_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                           const std::optional<at::Tensor>& running_var, double eps, double momentum, int64_t rank,
+                           int64_t world_size, pybind11::object all_reduce) {
+  RECORD_FUNCTION("SyncBatchNorm", c10::ArrayRef<const c10::IValue>{});
+  auto exchange = std::make_shared<Exchange>(std::move(all_reduce));
+  at::Tensor out, mean, invstd;
+  int64_t total = 0;
+  {
+    at::NoGradGuard no_grad;
+    auto rows = statistics_table(x, rank, world_size);
+    (*exchange)(rows);
+    std::tie(out, mean, invstd, total) = normalise(rows, x, weight, bias, running_mean, running_var, eps, momentum);
+  }
+  const auto w = present(weight) ? *weight : at::Tensor();
+  const auto b = present(bias) ? *bias : at::Tensor();
+  if (!torch::autograd::compute_requires_grad(x, w, b)) return out;
+  auto node = c10::make_intrusive<SyncBatchNormBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, w, b));
+  node->x = torch::autograd::SavedVariable(x, false);
+  node->weight = torch::autograd::SavedVariable(w, false);
+  node->mean = mean;
+  node->invstd = invstd;
+  node->eps = eps;
+  node->total = total;
+  node->exchange = std::move(exchange);
+  torch::autograd::set_history(out, node);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("statistics_table", &statistics_table);
   m.def("normalise", &normalise);
   m.def("gradient_sums", &gradient_sums);
   m.def("input_gradient", &input_gradient);
+  m.def("sync_batch_norm", &sync_batch_norm);
 }
