@@ -24,6 +24,7 @@ from bnstudy.distributed.shm_allreduce import (
     fast_path_supported,
     ranks_share_host,
 )
+from bnstudy.distributed.syncbn_kernels import KERNELS_ENV, cpu_kernels
 
 pytestmark = pytest.mark.skipif(not fast_path_supported(), reason="the shared-memory path needs x86-64")
 
@@ -93,6 +94,21 @@ def run_ranks(fn, world: int, *args, **kwargs) -> dict[int, object]:
     return _Job(fn, world, *args, **kwargs).results()
 
 
+# The exchange's builds (BNSTUDY_SYNCBN_KERNELS picks one per process): its Python protocol, the compiled one where
+# it builds, and both in one job (even ranks Python, odd ranks compiled), which speak the same protocol.
+BUILDS = ["python", "compiled", "mixed"] if cpu_kernels().name == "compiled" else ["python"]
+
+
+def build_env(build: str, world: int) -> dict[int, dict[str, str]]:
+    choice = {"python": ("python", "python"), "compiled": ("compiled", "compiled"), "mixed": ("python", "compiled")}
+    return {rank: {KERNELS_ENV: choice[build][rank % 2]} for rank in range(world)}
+
+
+def builds_used(results: dict[int, dict]) -> str:
+    used = {r["build"] for r in results.values()}
+    return used.pop() if len(used) == 1 else "mixed"
+
+
 def shm_entries() -> set[str]:
     return {name for name in os.listdir("/dev/shm") if name.startswith(SHM_NAME_PREFIX)}
 
@@ -119,7 +135,7 @@ def _exact_worker(rank: int, world: int) -> dict:
     assert ar.uses_shared_memory
     dist.barrier()  # rank 0 unlinks the name once every rank attached
     assert ar.name is not None and ar.name.lstrip("/") not in os.listdir("/dev/shm"), "name not unlinked"
-    out: dict = {"share_host": ranks_share_host(), "order_matters": False, "sums": []}
+    out: dict = {"share_host": ranks_share_host(), "order_matters": False, "sums": [], "build": ar.build}
     for dtype_name, dtype in DTYPES.items():
         for case, shape in enumerate(SHAPES):
             inputs = [rank_input(r, case, shape, dtype) for r in range(world)]
@@ -194,7 +210,7 @@ def _stress_worker(rank: int, world: int, iterations: int, seed: int, max_numel:
             bad = int(np.flatnonzero(got != expected)[0]) if np.any(got != expected) else -1
             raise AssertionError(f"iteration {it}: n={n} {dtype.__name__}, first wrong element {bad}")
         digest.update(got.tobytes())
-    return {"digest": digest.hexdigest(), "seconds": time.perf_counter() - t0, "name": ar.name}
+    return {"digest": digest.hexdigest(), "seconds": time.perf_counter() - t0, "name": ar.name, "build": ar.build}
 
 
 def _mismatch_worker(rank: int, world: int) -> list[str]:
@@ -234,14 +250,15 @@ def _dies_worker(rank: int, world: int, timeout_s: float, die_at: int) -> dict:
                 ar.all_reduce(t)
             except RuntimeError as again:
                 repeated = str(again)
-            return {"error": str(exc), "waited": waited, "iteration": it, "repeated": repeated}
+            return {"error": str(exc), "waited": waited, "iteration": it, "repeated": repeated, "build": ar.build}
         last = time.monotonic()
-    return {"error": None}
+    return {"error": None, "build": ar.build}
 
 
 def _checks_worker(rank: int, world: int) -> dict:
     """Several short checks in one job, since starting processes dominates the run time."""
     out = {"fallback": _fallback_worker(rank, world), "mismatch": _mismatch_worker(rank, world)}
+    out["build"] = ShmAllReduce(max_numel=64).build
     try:
         ShmAllReduce(max_numel=64 + rank)
     except RuntimeError as exc:
@@ -255,10 +272,12 @@ def _checks_worker(rank: int, world: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- the tests
+@pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("world", [2, 3])
-def test_sums_are_exact_rank_ordered_and_identical(world):
+def test_sums_are_exact_rank_ordered_and_identical(world, build):
     before = shm_entries()
-    results = run_ranks(_exact_worker, world)
+    results = run_ranks(_exact_worker, world, env=build_env(build, world))
+    assert builds_used(results) == build
     assert all(r["share_host"] for r in results.values())
     assert len({tuple(r["sums"]) for r in results.values()}) == 1, "ranks got different bits"
     if world == 3:
@@ -266,9 +285,11 @@ def test_sums_are_exact_rank_ordered_and_identical(world):
     assert shm_entries() <= before
 
 
-@pytest.fixture(scope="module")
-def checks() -> dict[int, dict]:
-    return run_ranks(_checks_worker, 2)
+@pytest.fixture(scope="module", params=[b for b in BUILDS if b != "mixed"])
+def checks(request) -> dict[int, dict]:
+    results = run_ranks(_checks_worker, 2, env=build_env(request.param, 2))
+    assert builds_used(results) == request.param
+    return results
 
 
 def test_fallback_goes_through_the_process_group(checks):
@@ -298,8 +319,10 @@ def test_ranks_share_host_unless_their_identities_differ(checks):
         assert not result["share_host_apart"]
 
 
-def test_stress_three_ranks():
-    results = run_ranks(_stress_worker, 3, 3000, 1237, 512)
+@pytest.mark.parametrize("build", BUILDS)
+def test_stress_three_ranks(build):
+    results = run_ranks(_stress_worker, 3, 3000, 1237, 512, env=build_env(build, 3))
+    assert builds_used(results) == build
     assert len({r["digest"] for r in results.values()}) == 1
 
 
@@ -313,12 +336,14 @@ def test_stress_two_jobs_of_two_ranks_at_once():
     assert results[0][0]["name"] != results[1][0]["name"]
 
 
-def test_a_killed_rank_is_named_within_the_timeout_and_nothing_leaks():
+@pytest.mark.parametrize("build", [b for b in BUILDS if b != "mixed"])
+def test_a_killed_rank_is_named_within_the_timeout_and_nothing_leaks(build):
     before = shm_entries()
-    job = _Job(_dies_worker, 2, 2.0, 50, teardown=False)
+    job = _Job(_dies_worker, 2, 2.0, 50, env=build_env(build, 2), teardown=False)
     results = job.results(expect=1)
     assert job.procs[1].exitcode == -signal.SIGKILL
     seen = results[0]
+    assert seen["build"] == build
     assert seen["error"] is not None and "\n" not in seen["error"]
     assert "rank 1 did not arrive within 2 s" in seen["error"]
     assert 1.9 < seen["waited"] < 10

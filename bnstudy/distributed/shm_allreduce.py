@@ -51,6 +51,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bnstudy.distributed.process_group import all_reduce_polling
+from bnstudy.distributed.syncbn_kernels import cpu_kernels
 
 try:
     import _posixshmem
@@ -175,8 +176,14 @@ class ShmAllReduce:
         self._failure: str | None = None
         self._mm: mmap.mmap | None = None
         self._ctrl: memoryview | None = None
+        self._compiled = self._base = None
         if self.world_size > 1 and fast_path_supported():
             self._setup()
+
+    @property
+    def build(self) -> str:
+        """Which build of the exchange runs: "compiled" (with sync BN's compiled kernels) or "python"."""
+        return "python" if self._compiled is None else "compiled"
 
     @property
     def uses_shared_memory(self) -> bool:
@@ -267,6 +274,13 @@ class ShmAllReduce:
         # _sig_words[parity] lists every rank's signature word for that buffer.
         self._sig_words = tuple(tuple(_WORDS * (1 + j) + 1 + parity for j in range(k)) for parity in (0, 1))
         # _rows[dtype id][parity][rank]: full-length 1-D views; calls slice them to the tensor's numel.
+        self._compiled = None
+        kernels = cpu_kernels()
+        if kernels.name == "compiled":
+            self._base = np.frombuffer(mm, np.uint8, count=1)
+            self._compiled = kernels.functions.ShmExchange(
+                self._base.ctypes.data, self.rank, k, _WORDS, data_offset, row_bytes, self.timeout_s
+            )
         self._rows = {
             code: tuple(
                 tuple(
@@ -282,6 +296,7 @@ class ShmAllReduce:
         """Unmap the segment (the process group is left alone). Further calls raise."""
         self._failure = self._failure or "shared-memory all-reduce: used after close()"
         self._rows = {}
+        self._compiled = self._base = None
         try:
             if self._ctrl is not None:
                 self._ctrl.release()
@@ -329,17 +344,25 @@ class ShmAllReduce:
             return
         if tensor.requires_grad:
             tensor = tensor.detach()
-        if not tensor.is_contiguous():
-            work = tensor.contiguous()
-            self._exchange(work.numpy().ravel(), n * 256 + code)
+        work = tensor if tensor.is_contiguous() else tensor.contiguous()
+        self._exchange(work, n * 256 + code)
+        if work is not tensor:
             tensor.copy_(work)
-            return
-        self._exchange(tensor.numpy().ravel(), n * 256 + code)
 
-    def _exchange(self, flat: np.ndarray | None, signature: int) -> None:
-        """One generation of the protocol; sums into ``flat`` (None: compare signatures only)."""
+    def _exchange(self, tensor: Tensor | None, signature: int) -> None:
+        """One generation of the protocol; sums into ``tensor`` (contiguous; None: compare signatures only), in
+        the compiled build where there is one."""
         g = self._generation + 1
         parity = g & 1
+        if self._compiled is not None:
+            self._generation = g
+            status = self._compiled.exchange(tensor, signature, g)
+            if status == 1:
+                self._lost(g, self._compiled.late_ranks())
+            elif status == 2:
+                self._mismatch(parity)
+            return
+        flat = None if tensor is None else tensor.numpy().ravel()
         rank = self.rank
         ctrl = self._ctrl
         if flat is not None:
@@ -374,14 +397,17 @@ class ShmAllReduce:
                 return
             if time.monotonic() > deadline:
                 late = [j for j, word in enumerate(words) if ctrl[word] < g]
-                if not late:
-                    return
-                who = f"rank {late[0]}" if len(late) == 1 else "ranks " + ", ".join(map(str, late))
-                self._failure = (
-                    f"shared-memory all-reduce: {who} did not arrive within {self.timeout_s:g} s (it may have died, "
-                    f"or the ranks called all_reduce a different number of times); generation {g}, rank {self.rank}"
-                )
-                raise PeerLostError(self._failure)
+                if late:
+                    self._lost(g, late)
+                return
+
+    def _lost(self, g: int, late: list[int]) -> None:
+        who = f"rank {late[0]}" if len(late) == 1 else "ranks " + ", ".join(map(str, late))
+        self._failure = (
+            f"shared-memory all-reduce: {who} did not arrive within {self.timeout_s:g} s (it may have died, "
+            f"or the ranks called all_reduce a different number of times); generation {g}, rank {self.rank}"
+        )
+        raise PeerLostError(self._failure)
 
     def _mismatch(self, parity: int) -> None:
         found = ", ".join(f"rank {j}: {_describe(self._ctrl[w])}" for j, w in enumerate(self._sig_words[parity]))

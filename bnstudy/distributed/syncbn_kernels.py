@@ -1,11 +1,12 @@
 """Which build of CPU sync BN's per-layer arithmetic runs: the compiled extension or the NumPy reference.
 
 Both provide :mod:`bnstudy.distributed.syncbn_math`'s four functions. The compiled one (``csrc/syncbn_cpu.cpp``)
-also provides the whole layer as one autograd op (``sync_batch_norm``): a layer's ~25 small Python-level calls
-become one in forward and none in backward but the exchange, which is most of what sync BN costs over plain BN in
-a small model on a small CPU. PyTorch's JIT extension builder compiles it on first use (about a minute, once; it needs a C++
-compiler and ninja) and caches it under its extensions directory (``TORCH_EXTENSIONS_DIR``), one build per source,
-torch and Python version. ``BNSTUDY_SYNCBN_KERNELS`` chooses: ``auto`` (default) uses the compiled build when it
+also provides the whole layer as one autograd op (``sync_batch_norm``), turning a layer's ~25 small Python-level
+calls into one in forward and none in backward but the exchange, which is most of what sync BN costs over plain BN
+in a small model on a small CPU; and the compiled build of the shared-memory exchange (``ShmExchange``). PyTorch's
+JIT extension builder compiles it on first use (about a minute, once; it needs a C++ compiler and ninja) and caches
+it under its extensions directory (``TORCH_EXTENSIONS_DIR``), one build per source, torch and Python version.
+``BNSTUDY_SYNCBN_KERNELS`` chooses: ``auto`` (default) uses the compiled build when it
 builds and otherwise the reference, saying why once on stderr; ``compiled`` makes a failed build a one-line error;
 ``python`` never builds.
 """

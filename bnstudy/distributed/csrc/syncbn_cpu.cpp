@@ -10,7 +10,11 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/extension.h>
 
+#include <sched.h>
+
+#include <chrono>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -342,10 +346,99 @@ at::Tensor sync_batch_norm(const at::Tensor& x, const std::optional<at::Tensor>&
   return out;
 }
 
+// The compiled build of ShmAllReduce's exchange (bnstudy/distributed/shm_allreduce.py states the protocol and keeps
+// the errors): the same segment layout, stores and rank-ordered sums, so a rank running either build can meet a rank
+// running the other. Here the publishing store has release and the polling loads acquire semantics, so the order
+// holds by the language's memory model, not only by x86-64's.
+class ShmExchange {
+ public:
+  ShmExchange(int64_t address, int64_t rank, int64_t world_size, int64_t line_words, int64_t data_offset,
+              int64_t row_bytes, double timeout_s)
+      : base_(reinterpret_cast<char*>(address)),
+        ctrl_(reinterpret_cast<int64_t*>(address)),
+        rank_(rank),
+        world_size_(world_size),
+        line_words_(line_words),
+        data_offset_(data_offset),
+        row_bytes_(row_bytes),
+        timeout_(timeout_s) {}
+
+  // One generation: publish `flat` (None: the signature only), wait for every rank, check the signatures and sum
+  // the rows in rank order into `flat`. Returns 0, 1 when a rank did not arrive in time (late_ranks() names them),
+  // 2 when the signatures differ.
+  int64_t exchange(const std::optional<at::Tensor>& flat, int64_t signature, int64_t generation) {
+    const int64_t parity = generation & 1;
+    const bool data = present(flat);
+    if (data) std::memcpy(row(parity, rank_), flat->data_ptr(), flat->nbytes());
+    *signature_word(parity, rank_) = signature;
+    __atomic_store_n(sequence_word(rank_), generation, __ATOMIC_RELEASE);
+    if (!everyone_at(generation)) {
+      pybind11::gil_scoped_release no_gil;
+      if (!wait_for(generation)) return 1;
+    }
+    for (int64_t j = 0; j < world_size_; ++j) {
+      if (*signature_word(parity, j) != signature) return 2;
+    }
+    if (data) {
+      AT_DISPATCH_FLOATING_TYPES(flat->scalar_type(), "shm_exchange", [&] {
+        const int64_t n = flat->numel();
+        scalar_t* out = flat->data_ptr<scalar_t>();
+        const auto* r0 = reinterpret_cast<const scalar_t*>(row(parity, 0));
+        const auto* r1 = reinterpret_cast<const scalar_t*>(row(parity, 1));
+        for (int64_t i = 0; i < n; ++i) out[i] = r0[i] + r1[i];
+        for (int64_t j = 2; j < world_size_; ++j) {
+          const auto* rj = reinterpret_cast<const scalar_t*>(row(parity, j));
+          for (int64_t i = 0; i < n; ++i) out[i] += rj[i];
+        }
+      });
+    }
+    return 0;
+  }
+
+  const std::vector<int64_t>& late_ranks() const { return late_; }
+
+ private:
+  int64_t* sequence_word(int64_t j) const { return ctrl_ + line_words_ * (1 + j); }
+  int64_t* signature_word(int64_t parity, int64_t j) const { return ctrl_ + line_words_ * (1 + j) + 1 + parity; }
+  char* row(int64_t parity, int64_t j) const { return base_ + data_offset_ + (parity * world_size_ + j) * row_bytes_; }
+
+  bool everyone_at(int64_t generation) const {
+    for (int64_t j = 0; j < world_size_; ++j) {
+      if (__atomic_load_n(sequence_word(j), __ATOMIC_ACQUIRE) < generation) return false;
+    }
+    return true;
+  }
+
+  bool wait_for(int64_t generation) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_);
+    while (!everyone_at(generation)) {
+      sched_yield();
+      if (std::chrono::steady_clock::now() > deadline) {
+        late_.clear();
+        for (int64_t j = 0; j < world_size_; ++j) {
+          if (__atomic_load_n(sequence_word(j), __ATOMIC_ACQUIRE) < generation) late_.push_back(j);
+        }
+        if (!late_.empty()) return false;
+      }
+    }
+    return true;
+  }
+
+  char* base_;
+  int64_t* ctrl_;
+  std::vector<int64_t> late_;
+  int64_t rank_, world_size_, line_words_, data_offset_, row_bytes_;
+  double timeout_;
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("statistics_table", &statistics_table);
   m.def("normalise", &normalise);
   m.def("gradient_sums", &gradient_sums);
   m.def("input_gradient", &input_gradient);
   m.def("sync_batch_norm", &sync_batch_norm);
+  pybind11::class_<ShmExchange>(m, "ShmExchange")
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double>())
+      .def("exchange", &ShmExchange::exchange)
+      .def("late_ranks", &ShmExchange::late_ranks);
 }
