@@ -368,7 +368,7 @@ class ShmExchange {
   // 2 when the signatures differ.
   int64_t exchange(const std::optional<at::Tensor>& flat, int64_t signature, int64_t generation) {
     const int64_t parity = generation & 1;
-    const bool data = present(flat);
+    const bool data = present(flat) && flat->numel() > 0;
     if (data) std::memcpy(row(parity, rank_), flat->data_ptr(), flat->nbytes());
     *signature_word(parity, rank_) = signature;
     __atomic_store_n(sequence_word(rank_), generation, __ATOMIC_RELEASE);
