@@ -233,6 +233,51 @@ def test_bf16_check_catches_statistics_reduced_in_bf16(tmp_path):
     assert any("running_mean" in p or "running_var" in p for p in compare(cases, 2, tmp_path, bf16=True))
 
 
+def _autograd_cases(rank: int, world_size: int, out: str, kernels: str) -> None:
+    os.environ[KERNELS_ENV] = kernels
+    bn = SyncBatchNorm(C)
+    init_affine(bn)
+    x = torch.randn(4, C, 3, 3, generator=torch.Generator().manual_seed(rank)) * 2 + 1
+    with torch.no_grad():  # as bn_statistics_report probes in train mode: statistics synced, no graph
+        probe = bn(x)
+    y = bn(x)  # an input that needs no gradient (the first layer's), parameters that do
+    y.pow(2).sum().backward(retain_graph=True)
+    first = (bn.weight.grad.clone(), bn.bias.grad.clone())
+    bn.weight.grad = bn.bias.grad = None
+    y.pow(2).sum().backward()  # through the retained graph: its exchange again on every rank, the same gradients
+    torch.save(
+        {
+            "probe_has_graph": probe.grad_fn is not None,
+            "node": y.grad_fn.name(),
+            "dw": first[0],
+            "db": first[1],
+            "again": torch.equal(first[0], bn.weight.grad) and torch.equal(first[1], bn.bias.grad),
+            "running_mean": bn.running_mean,
+        },
+        f"{out}/autograd{rank}.pt",
+    )
+
+
+@pytest.mark.parametrize("kernels", KERNELS_HERE)
+def test_no_grad_forward_parameter_only_gradients_and_a_retained_graph(kernels, tmp_path):
+    spawn_gloo(_autograd_cases, 2, str(tmp_path), kernels)
+    ranks = [torch.load(tmp_path / f"autograd{r}.pt", weights_only=True) for r in range(2)]
+    bn = nn.BatchNorm2d(C)
+    init_affine(bn)
+    x = torch.cat([torch.randn(4, C, 3, 3, generator=torch.Generator().manual_seed(r)) * 2 + 1 for r in range(2)])
+    bn(x)
+    bn(x).pow(2).sum().backward()
+    for result in ranks:
+        assert not result["probe_has_graph"] and result["again"]
+        assert result["node"] == (
+            "SyncBatchNormBackward" if kernels == "compiled" else "_CpuSyncBatchNormFunctionBackward"
+        )
+        torch.testing.assert_close(result["running_mean"], bn.running_mean)
+    # Each rank's parameter gradients cover its own images; DDP would average them.
+    torch.testing.assert_close(ranks[0]["dw"] + ranks[1]["dw"], bn.weight.grad)
+    torch.testing.assert_close(ranks[0]["db"] + ranks[1]["db"], bn.bias.grad)
+
+
 def _rank_1_skips_backward(rank: int, world_size: int, out: str, kernels: str) -> None:
     os.environ.update({TRANSPORT_ENV: "shm", KERNELS_ENV: kernels, TIMEOUT_ENV: "1"})
     x = torch.randn(4, C, 3, 3, requires_grad=True)
