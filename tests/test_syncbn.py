@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -240,6 +241,13 @@ def _autograd_cases(rank: int, world_size: int, out: str, kernels: str) -> None:
     x = torch.randn(4, C, 3, 3, generator=torch.Generator().manual_seed(rank)) * 2 + 1
     with torch.no_grad():  # as bn_statistics_report probes in train mode: statistics synced, no graph
         probe = bn(x)
+    # Forward-mode AD is refused by both builds; on a layer of its own, since the reference refuses after forward.
+    with forward_ad.dual_level():
+        try:
+            SyncBatchNorm(C)(forward_ad.make_dual(x, torch.ones_like(x)))
+            forward_mode = "no error"
+        except RuntimeError as exc:
+            forward_mode = str(exc)
     y = bn(x)  # an input that needs no gradient (the first layer's), parameters that do
     y.pow(2).sum().backward(retain_graph=True)
     first = (bn.weight.grad.clone(), bn.bias.grad.clone())
@@ -248,6 +256,7 @@ def _autograd_cases(rank: int, world_size: int, out: str, kernels: str) -> None:
     torch.save(
         {
             "probe_has_graph": probe.grad_fn is not None,
+            "forward_mode": forward_mode,
             "node": y.grad_fn.name(),
             "dw": first[0],
             "db": first[1],
@@ -269,6 +278,7 @@ def test_no_grad_forward_parameter_only_gradients_and_a_retained_graph(kernels, 
     bn(x).pow(2).sum().backward()
     for result in ranks:
         assert not result["probe_has_graph"] and result["again"]
+        assert "jvp" in result["forward_mode"]
         assert result["node"] == (
             "SyncBatchNormBackward" if kernels == "compiled" else "_CpuSyncBatchNormFunctionBackward"
         )

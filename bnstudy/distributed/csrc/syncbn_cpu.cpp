@@ -321,6 +321,9 @@ at::Tensor sync_batch_norm(const at::Tensor& x, const std::optional<at::Tensor>&
                            const std::optional<at::Tensor>& running_var, double eps, double momentum, int64_t rank,
                            int64_t world_size, pybind11::object all_reduce) {
   RECORD_FUNCTION("SyncBatchNorm", c10::ArrayRef<const c10::IValue>{});
+  TORCH_CHECK(!torch::autograd::isFwGradDefined(x) && !torch::autograd::isFwGradDefined(weight) &&
+                  !torch::autograd::isFwGradDefined(bias),
+              "SyncBatchNorm on CPU has no forward-mode AD (jvp); use reverse mode or plain BatchNorm");
   auto exchange = std::make_shared<Exchange>(std::move(all_reduce));
   at::Tensor out, mean, invstd;
   int64_t total = 0;
