@@ -75,7 +75,7 @@ def _choose(requested: str) -> CpuKernels:
         if requested == "compiled":
             fix = "install a C++ compiler and ninja, or use auto"
             raise UserError(f"{KERNELS_ENV}=compiled but {reason}; {fix}") from exc
-        print(f"bnstudy: sync BN uses its Python kernels ({reason})", file=sys.stderr)
+        print(f"bnstudy: sync BN and the shared-memory exchange use their Python builds ({reason})", file=sys.stderr)
         return CpuKernels("python", syncbn_math, reason)
 
 
@@ -99,7 +99,11 @@ def _build() -> ModuleType:
     # Concurrent builds (torchrun's ranks) wait on the builder's advisory file lock, which dies with its holder.
     directory.mkdir(parents=True, exist_ok=True)
     if not (directory / f"{directory.name}.so").exists() and _is_main_process():
-        print("bnstudy: building sync BN's CPU kernels (once, about a minute)", file=sys.stderr, flush=True)
+        print(
+            "bnstudy: building the CPU kernels of sync BN and the shared-memory exchange (once, about a minute)",
+            file=sys.stderr,
+            flush=True,
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return load(
