@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bnstudy.distributed.process_group import all_reduce_polling
+from bnstudy.distributed.process_group import all_reduce_polling, at_shutdown
 from bnstudy.distributed.shm_allreduce import (
     DEFAULT_MAX_NUMEL,
     DEFAULT_TIMEOUT_S,
@@ -115,6 +115,23 @@ def _labelled_all_reduce(tensor: Tensor, group: dist.ProcessGroup) -> None:
 
 
 _syncbn_groups: dict[object, dist.ProcessGroup] = {}
+
+
+def close_exchanges(cache: dict[object, ShmAllReduce | None]) -> None:
+    """Close every shared-memory exchange in ``cache`` and empty it (at shutdown, see ``process_group.at_shutdown``)."""
+    for exchange in cache.values():
+        if exchange is not None:
+            exchange.close()
+    cache.clear()
+
+
+def _forget_groups() -> None:
+    close_exchanges(_transports)
+    _exchanges.clear()
+    _syncbn_groups.clear()
+
+
+at_shutdown(_forget_groups)
 
 
 def world_group_for_syncbn() -> dist.ProcessGroup:

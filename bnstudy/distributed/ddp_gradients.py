@@ -11,12 +11,15 @@ synchronously on the thread running backward, a chunk at a time; every rank gets
 """
 
 # No ``from __future__ import annotations``: DDP checks the hook's annotations as objects, not strings.
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bnstudy.distributed.collectives import TRANSPORTS, shared_memory_exchange
+from bnstudy.distributed.collectives import TRANSPORTS, close_exchanges, shared_memory_exchange
+from bnstudy.distributed.process_group import at_shutdown
 from bnstudy.distributed.shm_allreduce import DEFAULT_MAX_NUMEL, ShmAllReduce
 from bnstudy.errors import env_choice
 
@@ -40,6 +43,7 @@ METRICS_ALL_REDUCE = "bnstudy.metrics.all_reduce"
 CHUNK_NUMEL = 1 << 18
 
 _exchanges: dict[tuple[dist.ProcessGroup, str, str], ShmAllReduce | None] = {}
+at_shutdown(functools.partial(close_exchanges, _exchanges))
 
 
 def requested_ddp_transport() -> str:

@@ -70,11 +70,23 @@ def init_from_env(device: str = "auto") -> DistEnv:
     return DistEnv(rank, local_rank, world_size, backend, dev)
 
 
+_shutdown_hooks: list[Callable[[], None]] = []
+
+
+def at_shutdown(hook: Callable[[], None]) -> None:
+    """Have :func:`shutdown` call ``hook`` before it destroys the groups. Modules that cache process groups (or
+    exchanges over them) drop them there, so that destroying a group frees it, and joins gloo's threads, while the
+    interpreter is whole rather than during its finalisation."""
+    _shutdown_hooks.append(hook)
+
+
 def shutdown() -> None:
     """Destroy the default process group if there is one, after every rank got here (a rank that tears its group
     down while a peer still works makes gloo abort)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        for hook in _shutdown_hooks:
+            hook()
         dist.destroy_process_group()
 
 
