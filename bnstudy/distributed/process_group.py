@@ -3,6 +3,7 @@ local launcher that spawns a real gloo group (for tests, benchmarks and notebook
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import warnings
@@ -87,6 +88,9 @@ def shutdown() -> None:
         dist.barrier()
         for hook in _shutdown_hooks:
             hook()
+        # Objects in reference cycles (a DDP wrapper and its reducer can be) would otherwise keep groups and their
+        # pending work alive into interpreter finalisation, where a gloo thread releasing a tensor aborts the process.
+        gc.collect()
         dist.destroy_process_group()
 
 
