@@ -21,8 +21,10 @@ def test_report_names_each_finding_and_its_file(two_rank_runs, tmp_path, capsys)
     assert lines[0].startswith("test accuracy: bn ") and f"{delta:+.2f} points" in lines[0]
     assert "(synthetic data)" in lines[0] and lines[0].endswith(f"[{tmp_path / 'compare.json'}]")
     assert f"syncbn {rows[1]['running_mean_max_abs_diff']:.2e}" in lines[1] and "syncbn 0.00e+00" in lines[1]
-    sync = json.loads((tmp_path / "trace-compare.json").read_text())["categories"]["bn_sync"]
+    categories = json.loads((tmp_path / "trace-compare.json").read_text())["categories"]
+    sync, wait = categories["bn_sync"], categories["rank_wait"]
     assert sync["a_ms"] == 0 < sync["b_ms"] and f"({sync['b_share']:.1%})" in lines[2]
+    assert f"waiting for other ranks: A {wait['a_ms']:.2f} ms ({wait['a_share']:.1%})" in lines[2]
     assert "0 BatchNormalization nodes; onnxruntime parity passed" in lines[3]
     assert lines[3].endswith(f"[{tmp_path / 'export.json'}]")
 

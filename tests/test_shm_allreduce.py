@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from bnstudy.distributed.collectives import SYNCBN_ALL_REDUCE
 from bnstudy.distributed.shm_allreduce import (
     SHM_NAME_PREFIX,
+    WAIT_LABEL,
     ShmAllReduce,
     fast_path_supported,
     ranks_share_host,
@@ -117,6 +118,7 @@ def shm_entries() -> set[str]:
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SHAPES = [(2, 385), (7,), (), (0,), (3, 4, 5), (256,)]
 MAX_NUMEL = 1024
+WAIT_LAG_S = 0.2  # how late rank 1 comes to the exchange whose wait is profiled
 
 
 def rank_input(rank: int, case: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -184,6 +186,21 @@ def _fallback_worker(rank: int, world: int) -> dict:
     assert torch.equal(small, torch.full((64,), float(world)))
     counts = {e.key: e.count for e in prof.key_averages()}
     return {"labels": counts.get(SYNCBN_ALL_REDUCE, 0), "gloo": sum(c for k, c in counts.items() if "gloo" in k)}
+
+
+def _wait_label_worker(rank: int, world: int) -> dict:
+    """Rank 1 arrives late: rank 0's time waiting for it is labelled apart from the exchange in its profile."""
+    ar = ShmAllReduce(max_numel=64, timeout_s=30, label=SYNCBN_ALL_REDUCE)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        if rank == 1:
+            time.sleep(WAIT_LAG_S)
+        ar.all_reduce(torch.ones(8))
+    waits = [e for e in prof.events() if e.name == WAIT_LABEL]
+    (exchange,) = [e for e in prof.events() if e.name == SYNCBN_ALL_REDUCE]
+    return {
+        "wait_s": sum(e.time_range.elapsed_us() for e in waits) / 1e6,
+        "inside": all(exchange.time_range.start <= e.time_range.start <= exchange.time_range.end for e in waits),
+    }
 
 
 def _stress_worker(rank: int, world: int, iterations: int, seed: int, max_numel: int) -> dict:
@@ -258,6 +275,7 @@ def _dies_worker(rank: int, world: int, timeout_s: float, die_at: int) -> dict:
 def _checks_worker(rank: int, world: int) -> dict:
     """Several short checks in one job, since starting processes dominates the run time."""
     out = {"fallback": _fallback_worker(rank, world), "mismatch": _mismatch_worker(rank, world)}
+    out["wait"] = _wait_label_worker(rank, world)
     out["build"] = ShmAllReduce(max_numel=64).build
     try:
         ShmAllReduce(max_numel=64 + rank)
@@ -295,6 +313,12 @@ def checks(request) -> dict[int, dict]:
 def test_fallback_goes_through_the_process_group(checks):
     # Five labelled exchanges, four through gloo: the fallbacks, and one small tensor through shared memory.
     assert all(r["fallback"] == {"labels": 5, "gloo": 4} for r in checks.values()), checks
+
+
+def test_waiting_for_a_late_rank_is_labelled_apart_from_the_exchange(checks):
+    early, late = checks[0]["wait"], checks[1]["wait"]
+    assert early["inside"] and early["wait_s"] > 0.5 * WAIT_LAG_S, checks
+    assert late["wait_s"] < 0.25 * WAIT_LAG_S, checks
 
 
 def test_size_mismatch_is_a_one_line_error_on_every_rank(checks):

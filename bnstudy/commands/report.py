@@ -41,12 +41,20 @@ def accuracy_lines(rows: list[dict], source: Path) -> list[str]:
 
 
 def sync_line(comparison: dict, source: Path) -> str:
-    """BN synchronisation's share of the step in each traced run."""
+    """BN synchronisation's share of the step in each traced run, and the time each waited for the other ranks in
+    shared-memory exchanges (absent from comparisons written before that was told apart)."""
     sync, step = comparison["categories"]["bn_sync"], comparison["step"]
-    return (
+    line = (
         f"BN synchronisation per step: A {sync['a_ms']:.2f} ms of {step['a_ms']:.1f} ({sync['a_share']:.1%}), "
-        f"B {sync['b_ms']:.2f} ms of {step['b_ms']:.1f} ({sync['b_share']:.1%})  [{source}]"
+        f"B {sync['b_ms']:.2f} ms of {step['b_ms']:.1f} ({sync['b_share']:.1%})"
     )
+    wait = comparison["categories"].get("rank_wait")
+    if wait is not None:
+        line += (
+            f"; waiting for other ranks: A {wait['a_ms']:.2f} ms ({wait['a_share']:.1%}), "
+            f"B {wait['b_ms']:.2f} ms ({wait['b_share']:.1%})"
+        )
+    return f"{line}  [{source}]"
 
 
 def export_line(report: dict, source: Path) -> str:

@@ -48,6 +48,7 @@ import socket
 import struct
 import time
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
@@ -67,6 +68,7 @@ __all__ = [
     "DEFAULT_MAX_NUMEL",
     "DEFAULT_TIMEOUT_S",
     "SHM_NAME_PREFIX",
+    "WAIT_LABEL",
     "PeerLostError",
     "ShmAllReduce",
     "fast_path_supported",
@@ -80,6 +82,9 @@ SHM_NAME_PREFIX = "bnstudy-allreduce-"
 DEFAULT_MAX_NUMEL = 1 << 16
 # Well under torchrun's and gloo's own timeouts, so a dead peer is named here first.
 DEFAULT_TIMEOUT_S = 60.0
+# The profiler label of the time a rank spends waiting for the others to arrive, inside any exchange: what lockstep
+# costs, apart from the exchange itself (through gloo the two cannot be told apart).
+WAIT_LABEL = "bnstudy.shm.wait_for_ranks"
 
 _X86_64 = ("x86_64", "AMD64")
 _LINE = 128  # bytes per control line: two cache lines, so the adjacent-line prefetcher causes no false sharing
@@ -99,6 +104,14 @@ _ALWAYS_LABEL = not hasattr(_autograd_profiler, "_is_profiler_enabled")
 # Sums that overflow to inf (a diverged run) stay silent, as they are through gloo; np.errstate per call would cost
 # more than the copy and the sum together.
 warnings.filterwarnings("ignore", r"(overflow|invalid value) encountered in add", RuntimeWarning, __name__)
+
+
+def _profiler_label(label: str | None) -> AbstractContextManager:
+    """``record_function(label)`` while a profiler runs, else (or with no label) nothing: entering
+    ``record_function`` costs about 10 µs even with no profiler running, as much as an exchange."""
+    if label and (_ALWAYS_LABEL or _autograd_profiler._is_profiler_enabled):
+        return torch.profiler.record_function(label)
+    return nullcontext()
 
 
 def fast_path_supported() -> bool:
@@ -157,7 +170,8 @@ class ShmAllReduce:
     through shared memory where there is one). Construction is a collective; so is every :meth:`all_reduce`, which
     all ranks must call in the same order with the same numel and dtype. A rank that does not arrive within
     ``timeout_s`` seconds is named in a :class:`PeerLostError`, after which this object is unusable. While a
-    profiler runs, each call is labelled ``label`` (when given). Not thread-safe: one thread per process calls it,
+    profiler runs, each call is labelled ``label`` (when given), and the time it waits for other ranks
+    :data:`WAIT_LABEL`. Not thread-safe: one thread per process calls it,
     as sync BN does.
     """
 
@@ -282,7 +296,7 @@ class ShmAllReduce:
         if kernels.name == "compiled":  # the compiled build of _exchange, on the same segment
             self._base = np.frombuffer(mm, np.uint8, count=1)  # the mapping's address, held until close()
             self._compiled = kernels.functions.ShmExchange(
-                self._base.ctypes.data, self.rank, k, _WORDS, data_offset, row_bytes, self.timeout_s
+                self._base.ctypes.data, self.rank, k, _WORDS, data_offset, row_bytes, self.timeout_s, WAIT_LABEL
             )
         # _rows[dtype id][parity][rank]: full-length 1-D views; calls slice them to the tensor's numel.
         self._rows = {
@@ -322,10 +336,7 @@ class ShmAllReduce:
         """Sum ``tensor`` over all ranks, in place (rank order, bitwise identical on every rank); returns it.
 
         While a profiler runs, the call is labelled ``self.label``."""
-        if self.label and (_ALWAYS_LABEL or _autograd_profiler._is_profiler_enabled):
-            with torch.profiler.record_function(self.label):
-                self._all_reduce(tensor)
-        else:  # entering record_function costs about 10 µs even with no profiler running, as much as the exchange
+        with _profiler_label(self.label):
             self._all_reduce(tensor)
         return tensor
 
@@ -389,6 +400,10 @@ class ShmAllReduce:
                 np.add(flat, rows[j][:n], out=flat)
 
     def _spin(self, g: int) -> None:
+        with _profiler_label(WAIT_LABEL):
+            self._spin_until(g)
+
+    def _spin_until(self, g: int) -> None:
         ctrl = self._ctrl
         words = self._seq_words
         deadline = time.monotonic() + self.timeout_s

@@ -3,8 +3,8 @@
 window, and the summary says so) it reports two tables that each add up to the step time:
 
 - CPU (:mod:`bnstudy.traces.cpu_attribution`): BN forward, BN backward, BN synchronisation, convolution/linear, DDP
-  gradient all-reduce, optimizer, data loading and other, across the thread that ran the step and the autograd
-  engine threads that ran its backward;
+  gradient all-reduce, waiting for other ranks (in shared-memory exchanges), optimizer, data loading and other,
+  across the thread that ran the step and the autograd engine threads that ran its backward;
 - GPU, when the trace has GPU activity (:mod:`bnstudy.traces.gpu_attribution`): BN forward and backward kernels, BN
   synchronisation, DDP gradient all-reduce, convolution/GEMM, elementwise, memcpy, memset, other kernels, other
   communication and GPU idle, with communication hidden under compute reported separately.
@@ -29,6 +29,7 @@ from bnstudy.traces.cpu_attribution import (
     DDP_ALLREDUCE,
     OPTIMIZER,
     OTHER,
+    RANK_WAIT,
     classify,
     cpu_step,
     cpu_timeline,
@@ -57,6 +58,7 @@ __all__ = [
     "GPU_CATEGORY_LABELS",
     "OPTIMIZER",
     "OTHER",
+    "RANK_WAIT",
     "StepTimes",
     "classify",
     "compare",

@@ -1,6 +1,6 @@
 """CPU attribution: which category each moment of a CPU thread belongs to (BN forward, BN backward, BN
-synchronisation, convolution/linear, casts/conversions, DDP gradient all-reduce, optimizer, data loading, other), and
-a step's CPU time across the threads that ran it.
+synchronisation, convolution/linear, casts/conversions, DDP gradient all-reduce, waiting for other ranks, optimizer,
+data loading, other), and a step's CPU time across the threads that ran it.
 
 Rules:
 - Events nest by time on each thread. An event's category is that of its outermost categorised ancestor (so
@@ -13,7 +13,10 @@ Rules:
   (a loop's metric all-reduce, a barrier).
 - Each event's self time (its duration minus its children's) goes to its category, "other" when it has none. The
   self times of a thread's events partition the time they cover.
-- Blocking on a collective shows up as self time of whatever encloses the collective's launch (gloo runs it on a
+- A shared-memory exchange's wait for the other ranks to arrive (``bnstudy.shm.wait_for_ranks``, inside sync BN's,
+  DDP's or the metrics' exchanges) is "waiting for other ranks": the price of lockstep, which the exchange itself
+  does not set (a rank that waits there was simply faster since the last rendezvous).
+- Blocking on a gloo collective shows up as self time of whatever encloses the collective's launch (gloo runs it on a
   worker thread; the launching thread waits in ``work.wait()``, which records no event). Self time of an event
   that overlaps a collective launched inside it, up to the end of the matching worker-thread event, goes to that
   collective's category: sync BN's waits are BN synchronisation, DDP's wait for its buckets is DDP all-reduce.
@@ -38,6 +41,7 @@ from typing import Any
 
 from bnstudy.distributed.collectives import SYNCBN_LABEL_PREFIX
 from bnstudy.distributed.ddp_gradients import DDP_ALL_REDUCE
+from bnstudy.distributed.shm_allreduce import WAIT_LABEL
 from bnstudy.traces.record import DATA_LOADING, OPTIMIZER_STEP
 from bnstudy.traces.trace_events import Event, Point
 
@@ -47,6 +51,7 @@ BN_SYNC = "bn_sync"
 CONV_LINEAR = "conv_linear"
 CAST = "cast"
 DDP_ALLREDUCE = "ddp_allreduce"
+RANK_WAIT = "rank_wait"
 OPTIMIZER = "optimizer"
 DATA = "data_loading"
 OTHER = "other"
@@ -57,6 +62,7 @@ CATEGORY_LABELS = {
     CONV_LINEAR: "convolution/linear",
     CAST: "casts/conversions",
     DDP_ALLREDUCE: "DDP gradient all-reduce",
+    RANK_WAIT: "waiting for other ranks",
     OPTIMIZER: "optimizer",
     DATA: "data loading",
     OTHER: "other",
@@ -108,6 +114,8 @@ def classify(name: str, enclosing: str | None, in_ddp_scope: bool = False) -> st
     """The category of an event named ``name`` inside events of category ``enclosing`` (None: uncategorised),
     ``in_ddp_scope`` when an enclosing event opens one; None when nothing says anything."""
     base = name.removeprefix(AUTOGRAD_PREFIX)
+    if base == WAIT_LABEL:
+        return RANK_WAIT
     if base == DDP_ALL_REDUCE:  # bnstudy's shared-memory gradient hook, wherever backward runs it
         return DDP_ALLREDUCE
     if enclosing in (BN_FORWARD, BN_BACKWARD):

@@ -356,8 +356,9 @@ at::Tensor sync_batch_norm(const at::Tensor& x, const std::optional<at::Tensor>&
 class ShmExchange {
  public:
   ShmExchange(int64_t address, int64_t rank, int64_t world_size, int64_t line_words, int64_t data_offset,
-              int64_t row_bytes, double timeout_s)
-      : base_(reinterpret_cast<char*>(address)),
+              int64_t row_bytes, double timeout_s, std::string wait_label)
+      : wait_label_(std::move(wait_label)),
+        base_(reinterpret_cast<char*>(address)),
         ctrl_(reinterpret_cast<int64_t*>(address)),
         rank_(rank),
         world_size_(world_size),
@@ -368,7 +369,7 @@ class ShmExchange {
 
   // One generation: publish `flat` (None: the signature only), wait for every rank, check the signatures and sum
   // the rows in rank order into `flat`. Returns 0, 1 when a rank did not arrive in time (late_ranks() names them),
-  // 2 when the signatures differ.
+  // 2 when the signatures differ. A wait shows in profiler traces as `wait_label`.
   int64_t exchange(const std::optional<at::Tensor>& flat, int64_t signature, int64_t generation) {
     const int64_t parity = generation & 1;
     const bool data = present(flat) && flat->numel() > 0;
@@ -376,6 +377,7 @@ class ShmExchange {
     *signature_word(parity, rank_) = signature;
     __atomic_store_n(sequence_word(rank_), generation, __ATOMIC_RELEASE);
     if (!everyone_at(generation)) {
+      RECORD_USER_SCOPE(std::string_view(wait_label_));
       pybind11::gil_scoped_release no_gil;
       if (!wait_for(generation)) return 1;
     }
@@ -427,6 +429,7 @@ class ShmExchange {
     return true;
   }
 
+  std::string wait_label_;
   char* base_;
   int64_t* ctrl_;
   std::vector<int64_t> late_;
@@ -441,7 +444,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("input_gradient", &input_gradient);
   m.def("sync_batch_norm", &sync_batch_norm);
   pybind11::class_<ShmExchange>(m, "ShmExchange")
-      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double>())
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, std::string>())
       .def("exchange", &ShmExchange::exchange)
       .def("late_ranks", &ShmExchange::late_ranks);
 }
