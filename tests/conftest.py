@@ -38,6 +38,7 @@ def torchrun(*args: str, nproc: int = 2, **kwargs):
 
 
 # A tiny, quick training configuration on the synthetic set.
+TWO_RANK_PROFILED_STEPS = 4  # --profile-steps of two_rank_runs, one more than the default
 TINY = ["--data", "synthetic", "--synthetic-size", "1200", "--width", "8", "--batch-size", "32", "--test-subset", "400"]
 
 
@@ -51,6 +52,7 @@ def two_rank_runs(tmp_path_factory):
         out = base / norm
         # 6000 images: the synthetic set is hard on purpose (issue 15), and these runs must clearly learn something
         args = [*TINY, "--synthetic-size", "6000", "--epochs", "2", "--norm", norm, "--lr", "0.1", "--profile"]
+        args += ["--profile-steps", str(TWO_RANK_PROFILED_STEPS)]
         done = torchrun(*args, "--out", str(out))
         assert done.returncode == 0, done.stderr[-3000:]
         runs[norm] = out

@@ -144,7 +144,15 @@ TRAIN = [
     ("--warmup-epochs 2", "", "--warmup-epochs must lie in 0..--epochs (1)"),
     ("--seed -1", "", "--seed must lie in 0..4294967295"),
     ("--batch-size 600", "", "less than one batch of 600; lower --batch-size"),
-    ("--profile --batch-size 128", "", "--profile records 5 steps of the first epoch, but an epoch has only 4"),
+    ("--profile --batch-size 128", "", "--profile records 5 steps of the first epoch (1 skipped, 1 warm-up, 3 "),
+    (
+        "--profile --profile-steps 7 --batch-size 64",
+        "",
+        "records 9 steps of the first epoch (1 skipped, 1 warm-up, 7 "
+        "recorded), but an epoch has only 8; use more data, a smaller --batch-size or fewer --profile-steps",
+    ),
+    ("--profile --profile-steps 0", "", "--profile-steps must be at least 1, got 0"),
+    ("--profile-steps 4", "", "--profile-steps sets how many steps --profile records; add --profile"),
     ("--data nowhere", "", "nowhere: directory not found"),
     ("--data cifar", "train-only", "cifar: has train.npz but no test.npz; add test.npz"),
     ("--data ''", "", "--data is empty"),

@@ -17,7 +17,7 @@ from bnstudy.machine import describe_machine
 from bnstudy.training.checkpoint import load_checkpoint
 from bnstudy.training.run_data import augment
 from bnstudy.training.run_directory import read_summary
-from tests.conftest import ROOT, TINY, free_port, run_cli, torchrun
+from tests.conftest import ROOT, TINY, TWO_RANK_PROFILED_STEPS, free_port, run_cli, torchrun
 
 RUN_FILES = ("config.json", "metrics.jsonl", "bn_stats.jsonl", "summary.json", "checkpoint.pt")
 
@@ -72,7 +72,7 @@ def test_compare_prints_table_and_writes_plot(two_rank_runs, tmp_path):
     assert (tmp_path / "compare.png").stat().st_size > 10_000
 
 
-def test_profiled_runs_summarise_with_bn_sync_only_for_syncbn(two_rank_runs):
+def test_profiled_runs_record_the_steps_asked_for_with_bn_sync_only_for_syncbn(two_rank_runs):
     done = run_cli(
         sys.executable,
         "-m",
@@ -84,7 +84,9 @@ def test_profiled_runs_summarise_with_bn_sync_only_for_syncbn(two_rank_runs):
         "--json",
     )
     assert done.returncode == 0, done.stderr
-    categories = json.loads(done.stdout)["categories"]
+    comparison = json.loads(done.stdout)
+    assert comparison["a"]["steps"] == comparison["b"]["steps"] == TWO_RANK_PROFILED_STEPS
+    categories = comparison["categories"]
     assert categories["bn_sync"]["a_ms"] == 0 and categories["bn_sync"]["b_ms"] > 0
     assert (
         "BN synchronisation"

@@ -18,7 +18,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # it is evaluated, profiled, placed or fetched, and its arithmetic precision (master weights stay float32). Everything
 # else defines the run and is taken from its checkpoint.
 RESUME_MAY_CHANGE = (
-    "epochs", "lr", "eval_bn", "precise_bn_batches", "tta", "profile", "device", "download", "precision",
+    "epochs", "lr", "eval_bn", "precise_bn_batches", "tta", "profile", "profile_steps", "device", "download",
+    "precision",
 )  # fmt: skip
 # Where a run lives and how it was started, not what it is: never compared between runs.
 NOT_SETTINGS = ("out", "resume")
@@ -56,6 +57,7 @@ class TrainConfig:
     resume: bool = False
     tta: bool = True
     profile: bool = False
+    profile_steps: int = 3  # steps --profile records, after one skipped and one warm-up step
     device: str = "auto"
     precision: str = "fp32"  # auto: bf16 where the device runs it natively (bnstudy.precision), else fp32
     qat_from: str | None = None  # quantisation-aware fine-tuning of this run's model (BN folded)
@@ -79,7 +81,7 @@ class TrainConfig:
         check_image_model(self.model, self.width)
         check_choice("--eval-bn", self.eval_bn, EVAL_BN_MODES)
         check_choice("--device", self.device, DEVICES)
-        for name in ("epochs", "precise_bn_batches", "synthetic_size"):
+        for name in ("epochs", "precise_bn_batches", "synthetic_size", "profile_steps"):
             check_at_least(option_name(name), getattr(self, name), 1)
         for name in ("train_subset", "test_subset"):
             if getattr(self, name) is not None:  # None is "all"; 0 is not

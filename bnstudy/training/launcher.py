@@ -8,7 +8,8 @@
 gloo on CPU and nccl on CUDA are chosen automatically. Rank 0 prints and writes runs/NAME/. Every option is checked
 before a process group, model or file exists; a bad one is a one-line error (printed once) and exit status 2.
 --resume takes the run's own options from its checkpoint: options given with it must agree, except --epochs, --lr,
---eval-bn, --precise-bn-batches, --tta, --profile, --device and --download, which may change (see README).
+--eval-bn, --precise-bn-batches, --tta, --profile, --profile-steps, --device and --download, which may change (see
+README).
 """
 
 from __future__ import annotations
@@ -108,7 +109,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="record a few steps of the first epoch with torch.profiler into OUT/tb/ (one worker per rank)",
+        help="record steps of the first epoch with torch.profiler into OUT/tb/ (one worker per rank)",
+    )
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        metavar="N",
+        help="how many steps --profile records, after one skipped and one warm-up step; more steps give steadier "
+        f"shares in `bnstudy trace` (default: {d.profile_steps})",
     )
     p.add_argument("--device", choices=DEVICES, help=f"(default: {d.device})")
     p.add_argument(
@@ -140,7 +148,7 @@ def plan_run(given: dict[str, Any], world_size: int) -> tuple[TrainConfig, dict 
         config = replace(DEFAULTS, **given)
         if config.qat_from is not None:
             config = _with_source_model(config, given)
-        _validate(config, world_size)
+        _validate(config, world_size, given)
         from bnstudy.training.run_directory import check_new_run
 
         check_new_run(Path(config.out))
@@ -153,7 +161,7 @@ def plan_run(given: dict[str, Any], world_size: int) -> tuple[TrainConfig, dict 
         raise UserError(f"{out}: nothing to resume (no {CHECKPOINT}); drop --resume to start a run there")
     checkpoint = load_checkpoint(out / CHECKPOINT)
     config = TrainConfig.from_dict(checkpoint["config"]).resumed_with(given)
-    _validate(config, world_size)
+    _validate(config, world_size, given)
     if checkpoint["config"].get("world_size") != world_size:
         raise UserError(
             f"{out} was trained by {checkpoint['config'].get('world_size')} process(es), this job has {world_size}; "
@@ -188,10 +196,12 @@ def _with_source_model(config: TrainConfig, given: dict[str, Any]) -> TrainConfi
     return replace(config, model=source["model"], width=source.get("width"))
 
 
-def _validate(config: TrainConfig, world_size: int) -> None:
-    """The config's checks, and the environment's that this run depends on (BNSTUDY_DDP_TRANSPORT,
-    BNSTUDY_SYNCBN_TRANSPORT and BNSTUDY_SYNCBN_KERNELS)."""
+def _validate(config: TrainConfig, world_size: int, given: dict[str, Any]) -> None:
+    """The config's checks, the options' that need to know what was given, and the environment's that this run
+    depends on (BNSTUDY_DDP_TRANSPORT, BNSTUDY_SYNCBN_TRANSPORT and BNSTUDY_SYNCBN_KERNELS)."""
     config.validate(world_size)
+    if "profile_steps" in given and not config.profile:
+        raise UserError("--profile-steps sets how many steps --profile records; add --profile")
     if world_size > 1:
         from bnstudy.distributed.ddp_gradients import requested_ddp_transport
 

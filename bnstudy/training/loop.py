@@ -357,7 +357,9 @@ def train(config: TrainConfig, env: DistEnv, resume_from: dict | None = None) ->
 def _train_epochs(trainer: Trainer, writer: RunWriter | None) -> dict:
     """The epochs from ``trainer.start_epoch`` on: train, observe BN statistics, evaluate, record and checkpoint."""
     config, out = trainer.config, trainer.out
-    profiler = training_profiler(out, trainer.env.rank, enabled=config.profile, label=config.norm)
+    profiler = training_profiler(
+        out, trainer.env.rank, enabled=config.profile, active=config.profile_steps, label=config.norm
+    )
     profiler.start()
     run_start = time.perf_counter()
     for epoch in range(trainer.start_epoch, config.epochs):

@@ -19,7 +19,7 @@ from bnstudy.data import (
 from bnstudy.errors import UserError
 from bnstudy.training.config import TrainConfig
 
-PROFILED_STEPS = 5  # wait 1 + warm-up 1 + active 3: bnstudy.traces.record.training_profiler's default schedule
+PROFILE_LEAD_STEPS = 2  # bnstudy.traces.record.training_profiler's default schedule: wait 1, warm up 1, then record
 
 
 @dataclass
@@ -75,10 +75,11 @@ def check_run_fits(config: TrainConfig, data: RunData, world_size: int) -> int:
             f"{len(data.train)} training images over {world_size} process(es) is less than one batch of "
             f"{config.batch_size}; lower --batch-size"
         )
-    if config.profile and steps < PROFILED_STEPS:
+    profiled = PROFILE_LEAD_STEPS + config.profile_steps
+    if config.profile and steps < profiled:
         raise UserError(
-            f"--profile records {PROFILED_STEPS} steps of the first epoch, but an epoch has only {steps}; "
-            "use more data or a smaller --batch-size"
+            f"--profile records {profiled} steps of the first epoch (1 skipped, 1 warm-up, {config.profile_steps} "
+            f"recorded), but an epoch has only {steps}; use more data, a smaller --batch-size or fewer --profile-steps"
         )
     return steps
 
