@@ -242,6 +242,7 @@ BENCH = [
     ("syncbn --model foo --out b.json", "", "unknown --model 'foo'; choose one of resnet, seed-cnn"),
     ("syncbn --model mnist-mlp --out b.json", "", "--model mnist-mlp does not take CIFAR images"),
     ("syncbn --batches 1 --out b.json", "", "--batches 1 leaves bn one value per channel"),
+    ("syncbn --width 1 --out b.json", "", "--width must be at least 2, got 1"),
     ("syncbn --batches 0 --out b.json", "", "--batches must be at least 1, got 0"),
     ("syncbn --steps 0 --out b.json", "", "--steps must be at least 1, got 0"),
     ("syncbn --rounds 0 --out b.json", "", "--rounds must be at least 1, got 0"),

@@ -25,6 +25,7 @@ def test_training_benchmarks_write_ratios(tmp_path):
 
     from bnstudy.distributed.collectives import local_transports
     from bnstudy.machine import describe_machine, machine_line
+    from bnstudy.models import seed_cnn
 
     syncbn = tmp_path / "syncbn.json"
     done = subprocess.run(
@@ -36,6 +37,8 @@ def test_training_benchmarks_write_ratios(tmp_path):
             "syncbn",
             "--model",
             "seed-cnn",
+            "--width",
+            "8",
             "--batches",
             "8",
             "--steps",
@@ -50,6 +53,8 @@ def test_training_benchmarks_write_ratios(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(syncbn.read_text())
+    assert result["model"] == "seed-cnn" and result["width"] == 8
+    assert result["parameters"] == sum(p.numel() for p in seed_cnn(width=8).parameters())
     assert result["syncbn_kernels"] in ("compiled", "python")
     assert result["ddp_transport"] == local_transports()[-1]  # auto: shared memory where this CPU has it
     kernels_line = f"sync BN's CPU kernels: {result['syncbn_kernels']}; DDP's gradients over {result['ddp_transport']}"

@@ -29,7 +29,15 @@ TARGETS = {8: 1.05, 64: 1.03}
 
 
 def _worker(
-    rank: int, world_size: int, model_name: str, batches: list[int], steps: int, rounds: int, precision: str, out: str
+    rank: int,
+    world_size: int,
+    model_name: str,
+    width: int | None,
+    batches: list[int],
+    steps: int,
+    rounds: int,
+    precision: str,
+    out: str,
 ) -> None:
     chosen = resolve_precision(precision, torch.device("cpu"))
     groups = {}
@@ -40,9 +48,10 @@ def _worker(
     bar = tqdm(total=len(batches) * rounds, desc="bench syncbn", leave=False, disable=rank != 0)
     for batch in batches:
         torch.manual_seed(0)
-        models = {"bn": create_model(model_name, "bn")}
+        shape = {} if width is None else {"width": width}
+        models = {"bn": create_model(model_name, "bn", **shape)}
         for transport, group in groups.items():
-            models[transport] = convert_sync_batchnorm(create_model(model_name, "bn"), process_group=group)
+            models[transport] = convert_sync_batchnorm(create_model(model_name, "bn", **shape), process_group=group)
         steppers = {name: timed_training_step(model, batch, precision=chosen) for name, model in models.items()}
         times: dict[str, list[list[float]]] = {name: [[] for _ in range(rounds)] for name in steppers}
         for r in range(rounds):
@@ -53,7 +62,9 @@ def _worker(
         results[str(batch)] = times
     bar.close()
     if rank == 0:
-        raw = {"kernels": cpu_kernels().name, "ddp_transport": gradient_transport(), "times": results}
+        parameters = sum(p.numel() for p in models["bn"].parameters())
+        raw = {"kernels": cpu_kernels().name, "ddp_transport": gradient_transport(), "parameters": parameters}
+        raw["times"] = results
         Path(out).write_text(json.dumps(raw))
 
 
@@ -66,10 +77,16 @@ def step_order(names: list[str], i: int) -> list[str]:
 
 
 def check_syncbn_options(
-    model: str, batches: tuple[int, ...], steps: int, rounds: int, world_size: int, precision: str = "fp32"
+    model: str,
+    batches: tuple[int, ...],
+    steps: int,
+    rounds: int,
+    world_size: int,
+    precision: str = "fp32",
+    width: int | None = None,
 ) -> None:
     """Refuse options the workers would fail on, before any process is spawned."""
-    check_image_model(model)
+    check_image_model(model, width)
     check_precision(precision, "cpu")
     requested_kernels()
     for name, value in (("--steps", steps), ("--rounds", rounds), ("world size", world_size)):
@@ -85,14 +102,15 @@ def benchmark_syncbn(
     rounds: int = 2,
     world_size: int = 2,
     precision: str = "fp32",
+    width: int | None = None,
 ) -> dict:
     """Median DDP step time of plain BN and of SyncBN over each transport, per per-rank batch size, and the
     syncbn/bn ratios, all measured in one run: overall, per round (their spread is the noise a single ratio
-    hides), and against the shared-memory transport's targets."""
-    check_syncbn_options(model, batches, steps, rounds, world_size, precision)
+    hides), and against the shared-memory transport's targets. ``width``: the model's base width (None: its own)."""
+    check_syncbn_options(model, batches, steps, rounds, world_size, precision, width)
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = Path(tmp) / "raw.json"
-        spawn_gloo(_worker, world_size, model, list(batches), steps, rounds, precision, str(raw_path), threads=1)
+        spawn_gloo(_worker, world_size, model, width, list(batches), steps, rounds, precision, str(raw_path), threads=1)
         raw = json.loads(raw_path.read_text())
     rows = []
     for batch, times in raw["times"].items():
@@ -119,6 +137,8 @@ def benchmark_syncbn(
             )
     return {
         "model": model,
+        "width": width,
+        "parameters": raw["parameters"],
         "world_size": world_size,
         "precision": resolve_precision(precision, torch.device("cpu")).name,
         "threads_per_rank": 1,

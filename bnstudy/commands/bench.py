@@ -15,6 +15,9 @@ def register(registry) -> None:
         "syncbn", "DDP step time, plain BN vs SyncBatchNorm over gloo and shared memory (2 procs × 1 thread)"
     )
     p.add_argument("--model", default="resnet", help="model name from bnstudy.models.MODELS (default: resnet)")
+    p.add_argument(
+        "--width", type=int, help="the model's base width, e.g. 16 as in the main job and the sweep (default: its own)"
+    )
     p.add_argument("--batches", type=int, nargs="+", default=[8, 64], help="images per rank (default: 8 64)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per round and variant (default: 10)")
     p.add_argument(
@@ -65,7 +68,9 @@ def run_syncbn(args: argparse.Namespace) -> int:
     from bnstudy.io import check_writable, write_json
 
     check_writable(args.out)
-    result = benchmark_syncbn(args.model, tuple(args.batches), args.steps, args.rounds, precision=args.precision)
+    result = benchmark_syncbn(
+        args.model, tuple(args.batches), args.steps, args.rounds, precision=args.precision, width=args.width
+    )
     print(machine_line(result["machine"]))
     print(f"sync BN's CPU kernels: {result['syncbn_kernels']}; DDP's gradients over {result['ddp_transport']}")
     print(
