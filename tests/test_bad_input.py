@@ -396,6 +396,13 @@ def test_a_bad_ddp_transport_is_refused_before_the_process_group(shared, tmp_pat
     assert_refused(train_main, f"{SMALL} --norm bn", "", expected, shared, tmp_path, capsys, monkeypatch)
 
 
+def test_a_bad_malloc_setting_is_refused_before_the_process_group(shared, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BNSTUDY_MALLOC", "hoard")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    expected = "BNSTUDY_MALLOC='hoard' is not an allocator setting; use one of retain, system"
+    assert_refused(train_main, f"{SMALL} --norm bn", "", expected, shared, tmp_path, capsys, monkeypatch)
+
+
 def test_a_bad_syncbn_kernels_choice_is_refused_before_the_process_group(shared, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("BNSTUDY_SYNCBN_KERNELS", "fortran")
     monkeypatch.setenv("WORLD_SIZE", "2")

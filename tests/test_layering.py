@@ -20,6 +20,7 @@ CORE = {
     "bnstudy.norms",
     "bnstudy.precision",
     "bnstudy.machine",
+    "bnstudy.memory",
 }
 RUN_FORMATS = {"bnstudy.training.run_directory", "bnstudy.training.checkpoint"}
 # module prefix -> what its imports may start with (besides itself)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -35,6 +36,8 @@ def test_two_process_run_writes_the_run_directory(two_rank_runs, norm):
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2 and config["backend"] == "gloo" and config["norm"] == norm
     assert config["machine"] == describe_machine()  # images_per_s below means something only beside the CPU
+    # what the launcher's processes do with freed memory: keep it, where the C library is glibc
+    assert config["malloc"] == ("retain" if platform.libc_ver()[0] == "glibc" else "system (not glibc)")
     metrics = _jsonl(out / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2]
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "images_per_s"):

@@ -20,6 +20,7 @@ from bnstudy.distributed.syncbn import convert_sync_batchnorm
 from bnstudy.distributed.syncbn_kernels import cpu_kernels, requested_kernels
 from bnstudy.errors import check_at_least
 from bnstudy.machine import describe_machine
+from bnstudy.memory import requested_malloc, retain_freed_memory
 from bnstudy.models import check_image_model, create_model
 from bnstudy.norms import check_norm_batch
 from bnstudy.precision import check_precision, resolve_precision
@@ -39,6 +40,7 @@ def _worker(
     precision: str,
     out: str,
 ) -> None:
+    malloc = retain_freed_memory()
     chosen = resolve_precision(precision, torch.device("cpu"))
     groups = {}
     for transport in local_transports():  # one group per transport, so both run in the same processes
@@ -64,6 +66,7 @@ def _worker(
     if rank == 0:
         parameters = sum(p.numel() for p in models["bn"].parameters())
         raw = {"kernels": cpu_kernels().name, "ddp_transport": gradient_transport(), "parameters": parameters}
+        raw["malloc"] = malloc
         raw["times"] = results
         Path(out).write_text(json.dumps(raw))
 
@@ -89,6 +92,7 @@ def check_syncbn_options(
     check_image_model(model, width)
     check_precision(precision, "cpu")
     requested_kernels()
+    requested_malloc()
     for name, value in (("--steps", steps), ("--rounds", rounds), ("world size", world_size)):
         check_at_least(name, value, 1)
     for batch in batches:
@@ -145,6 +149,7 @@ def benchmark_syncbn(
         "backend": "gloo",
         "syncbn_kernels": raw["kernels"],
         "ddp_transport": raw["ddp_transport"],
+        "malloc": raw["malloc"],
         "torch": torch.__version__,
         "machine": describe_machine(),
         "results": rows,

@@ -198,8 +198,11 @@ def _with_source_model(config: TrainConfig, given: dict[str, Any]) -> TrainConfi
 
 def _validate(config: TrainConfig, world_size: int, given: dict[str, Any]) -> None:
     """The config's checks, the options' that need to know what was given, and the environment's that this run
-    depends on (BNSTUDY_DDP_TRANSPORT, BNSTUDY_SYNCBN_TRANSPORT and BNSTUDY_SYNCBN_KERNELS)."""
+    depends on (BNSTUDY_MALLOC, BNSTUDY_DDP_TRANSPORT, BNSTUDY_SYNCBN_TRANSPORT and BNSTUDY_SYNCBN_KERNELS)."""
+    from bnstudy.memory import requested_malloc
+
     config.validate(world_size)
+    requested_malloc()
     if "profile_steps" in given and not config.profile:
         raise UserError("--profile-steps sets how many steps --profile records; add --profile")
     if world_size > 1:
@@ -239,8 +242,10 @@ def _peer_lost_reason(exc: BaseException) -> str:
 
 def _train(config: TrainConfig, checkpoint: dict | None) -> None:
     from bnstudy.distributed.process_group import init_from_env, is_peer_lost, shutdown
+    from bnstudy.memory import retain_freed_memory
     from bnstudy.training.loop import train
 
+    retain_freed_memory()
     env = init_from_env(config.device)
     try:
         train(config, env, checkpoint)

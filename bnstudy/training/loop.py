@@ -31,6 +31,7 @@ from bnstudy.distributed.syncbn_kernels import cpu_kernels
 from bnstudy.edge.qat import freeze_bn_statistics, prepare_qat
 from bnstudy.errors import UserError, first_line
 from bnstudy.machine import describe_machine
+from bnstudy.memory import malloc_setting
 from bnstudy.models import create_model
 from bnstudy.precision import Precision, resolve_precision
 from bnstudy.traces.record import BACKWARD, DATA_LOADING, FORWARD, OPTIMIZER_STEP, training_profiler
@@ -313,6 +314,7 @@ def environment_info(
         "backend": env.backend,
         "device": str(env.device),
         "threads_per_process": torch.get_num_threads(),
+        "malloc": malloc_setting(),
         "cuda": torch.cuda.is_available(),
         "syncbn_transport": transport,
         "syncbn_kernels": kernels,
