@@ -171,8 +171,7 @@ class ShmAllReduce:
     all ranks must call in the same order with the same numel and dtype. A rank that does not arrive within
     ``timeout_s`` seconds is named in a :class:`PeerLostError`, after which this object is unusable. While a
     profiler runs, each call is labelled ``label`` (when given), and the time it waits for other ranks
-    :data:`WAIT_LABEL`. Not thread-safe: one thread per process calls it,
-    as sync BN does.
+    :data:`WAIT_LABEL`. Not thread-safe: one thread per process calls it, as sync BN does.
     """
 
     def __init__(
