@@ -64,10 +64,13 @@ def _worker(
         results[str(batch)] = times
     bar.close()
     if rank == 0:
-        parameters = sum(p.numel() for p in models["bn"].parameters())
-        raw = {"kernels": cpu_kernels().name, "ddp_transport": gradient_transport(), "parameters": parameters}
-        raw["malloc"] = malloc
-        raw["times"] = results
+        raw = {
+            "kernels": cpu_kernels().name,
+            "ddp_transport": gradient_transport(),
+            "parameters": sum(p.numel() for p in models["bn"].parameters()),
+            "malloc": malloc,
+            "times": results,
+        }
         Path(out).write_text(json.dumps(raw))
 
 
