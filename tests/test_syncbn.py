@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import bnstudy.distributed.syncbn_math as syncbn_math
 from bnstudy.distributed.collectives import TIMEOUT_ENV, TRANSPORT_ENV, select_transport, world_group_for_syncbn
-from bnstudy.distributed.process_group import spawn_gloo
+from bnstudy.distributed.process_group import shutdown, spawn_gloo
 from bnstudy.distributed.shm_allreduce import PeerLostError, fast_path_supported
 from bnstudy.distributed.syncbn import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 from bnstudy.distributed.syncbn_kernels import KERNELS_ENV, cpu_kernels
@@ -333,6 +333,40 @@ def test_ddp_trains_converted_model_on_cpu(tmp_path):
     result = torch.load(tmp_path / "train0.pt", weights_only=True)
     assert result["losses"][-1] < 0.7 * result["losses"][0]
     torch.testing.assert_close(result["stats"][0], result["stats"][1], rtol=0, atol=0)
+
+
+def _layer_outlives_its_group(rank: int, world_size: int, out: str, transport: str) -> None:
+    """One layer's training forward on the default group, then on a default group made after that one was
+    destroyed, then on a group of this rank alone (plain BN)."""
+    os.environ[TRANSPORT_ENV] = transport
+    layer = SyncBatchNorm(C)
+    init_affine(layer)
+    xs, _ = case_data("bn2d", (3, 5), 0, 0)
+    outputs = [layer(xs[rank]).detach()]
+    shutdown()
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world_size)
+    outputs.append(layer(xs[rank]).detach())
+    layer.process_group = dist.new_group([0]) if rank == 0 else dist.new_group([1])
+    outputs.append(layer(xs[rank]).detach())
+    torch.save(outputs, f"{out}/outputs{rank}.pt")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS_HERE)
+def test_a_layer_syncs_over_the_group_of_the_moment(transport, tmp_path):
+    """Sync BN looks its group's exchange up once and keeps it: a layer must still sync, exactly, over a default
+    group made again after the first was destroyed (whose exchange is closed), and not sync in a group of one."""
+    spawn_gloo(_layer_outlives_its_group, 2, str(tmp_path), transport)
+    outputs = [torch.load(tmp_path / f"outputs{r}.pt", weights_only=True) for r in range(2)]
+    xs, _ = case_data("bn2d", (3, 5), 0, 0)
+    synced = nn.BatchNorm2d(C)
+    init_affine(synced)
+    expected = synced(torch.cat(xs)).detach()
+    for run in (0, 1):
+        torch.testing.assert_close(torch.cat([outputs[r][run] for r in range(2)]), expected)
+    for r in range(2):
+        alone = nn.BatchNorm2d(C)
+        init_affine(alone)
+        torch.testing.assert_close(outputs[r][2], alone(xs[r]).detach(), rtol=0, atol=0)
 
 
 def test_without_process_group_it_is_plain_batchnorm():

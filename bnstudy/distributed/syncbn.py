@@ -10,6 +10,9 @@ batch-norm kernels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -17,6 +20,7 @@ from torch.nn.modules._functions import SyncBatchNorm as _CudaSyncBatchNormFunct
 
 from bnstudy.distributed import syncbn_math
 from bnstudy.distributed.collectives import syncbn_exchange, world_group_for_syncbn
+from bnstudy.distributed.process_group import at_shutdown
 from bnstudy.distributed.syncbn_kernels import cpu_kernels
 
 __all__ = ["SyncBatchNorm", "BatchNormXd", "convert_sync_batchnorm", "revert_sync_batchnorm"]
@@ -91,35 +95,63 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         running_mean = self.running_mean if track else None
         running_var = self.running_var if track else None
 
-        world_size = self._sync_world_size()
-        if world_size <= 1:
-            return nn.functional.batch_norm(
-                input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps
-            )
-        group = self.process_group or world_group_for_syncbn()
-        if input.device.type in _ACCELERATORS:
-            return _CudaSyncBatchNormFunction.apply(
-                input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group, world_size
-            )
-        kernels = cpu_kernels()
-        apply = kernels.functions.sync_batch_norm if kernels.name == "compiled" else _CpuSyncBatchNormFunction.apply
-        return apply(
-            input,
-            self.weight,
-            self.bias,
-            running_mean,
-            running_var,
-            self.eps,
-            factor,
-            dist.get_rank(group),
-            world_size,
-            syncbn_exchange(group),
+        if self.training and dist.is_available() and dist.is_initialized():
+            if input.is_cpu or input.device.type not in _ACCELERATORS:
+                sync = _cpu_sync(self.process_group)
+                if sync.world_size > 1:
+                    return sync.apply(
+                        input,
+                        self.weight,
+                        self.bias,
+                        running_mean,
+                        running_var,
+                        self.eps,
+                        factor,
+                        sync.rank,
+                        sync.world_size,
+                        sync.exchange,
+                    )
+            elif (world_size := dist.get_world_size(self.process_group)) > 1:
+                group = self.process_group or world_group_for_syncbn()
+                return _CudaSyncBatchNormFunction.apply(
+                    input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group, world_size
+                )
+        return nn.functional.batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps
         )
 
-    def _sync_world_size(self) -> int:
-        if not (self.training and dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size(self.process_group)
+
+class _CpuSync(NamedTuple):
+    """How a CPU sync BN layer syncs over one group: the layer op of the chosen build, this rank, the group's size
+    and its exchange (op and exchange None in a group of one, where the layer is plain BN)."""
+
+    apply: Callable[..., Tensor] | None
+    rank: int
+    world_size: int
+    exchange: Callable[[Tensor], object] | None
+
+
+_cpu_syncs: dict[dist.ProcessGroup, _CpuSync] = {}
+at_shutdown(_cpu_syncs.clear)
+
+
+def _cpu_sync(process_group: dist.ProcessGroup | None) -> _CpuSync:
+    """:class:`_CpuSync` for ``process_group`` (None: all ranks), looked up on the group's first training step and
+    kept: looking it up every step cost about 10 µs a layer, as much as the layer's two exchanges. Keyed by the
+    group object, so a group made after the default one was destroyed and made again gets its own."""
+    key = process_group or dist.group.WORLD
+    sync = _cpu_syncs.get(key)
+    if sync is None:
+        world_size = dist.get_world_size(process_group)
+        if world_size <= 1:
+            sync = _CpuSync(None, 0, world_size, None)
+        else:
+            group = process_group or world_group_for_syncbn()
+            kernels = cpu_kernels()
+            apply = kernels.functions.sync_batch_norm if kernels.name == "compiled" else _CpuSyncBatchNormFunction.apply
+            sync = _CpuSync(apply, dist.get_rank(group), world_size, syncbn_exchange(group))
+        _cpu_syncs[key] = sync
+    return sync
 
 
 class BatchNormXd(nn.modules.batchnorm._BatchNorm):
