@@ -137,8 +137,9 @@ at_shutdown(_cpu_syncs.clear)
 
 def _cpu_sync(process_group: dist.ProcessGroup | None) -> _CpuSync:
     """:class:`_CpuSync` for ``process_group`` (None: all ranks), looked up on the group's first training step and
-    kept: looking it up every step cost about 10 µs a layer, as much as the layer's two exchanges. Keyed by the
-    group object, so a group made after the default one was destroyed and made again gets its own."""
+    kept: looked up on every call, it cost about 10 µs of a layer's forward (61 µs against plain BN's 43 at
+    (2, 16, 32, 32)). Keyed by the group object, so a default group made again after the first was destroyed gets
+    its own."""
     key = process_group or dist.group.WORLD
     sync = _cpu_syncs.get(key)
     if sync is None:
