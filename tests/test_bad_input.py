@@ -410,6 +410,30 @@ def test_a_bad_syncbn_kernels_choice_is_refused_before_the_process_group(shared,
     assert_refused(train_main, f"{SMALL} --norm syncbn", "", expected, shared, tmp_path, capsys, monkeypatch)
 
 
+def test_a_bad_exchange_timeout_is_refused_before_the_process_group(shared, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BNSTUDY_SYNCBN_TIMEOUT_S", "soon")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    expected = "BNSTUDY_SYNCBN_TIMEOUT_S='soon' must be a positive number of seconds"
+    assert_refused(train_main, f"{SMALL} --norm bn", "", expected, shared, tmp_path, capsys, monkeypatch)
+
+
+BENCH_SYNCBN_SETTINGS = [
+    ("BNSTUDY_MALLOC=hoard", "BNSTUDY_MALLOC='hoard' is not an allocator setting; use one of retain, system"),
+    ("BNSTUDY_SYNCBN_KERNELS=fortran", "BNSTUDY_SYNCBN_KERNELS='fortran' is not a choice"),
+    ("BNSTUDY_DDP_TRANSPORT=smoke-signals", "BNSTUDY_DDP_TRANSPORT='smoke-signals' is not a transport"),
+    ("BNSTUDY_SYNCBN_TIMEOUT_S=-1", "BNSTUDY_SYNCBN_TIMEOUT_S='-1' must be a positive number of seconds"),
+]
+
+
+@pytest.mark.parametrize("setting, expected", BENCH_SYNCBN_SETTINGS, ids=[row[0] for row in BENCH_SYNCBN_SETTINGS])
+def test_bench_syncbn_refuses_a_bad_setting_before_spawning_workers(
+    setting, expected, shared, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv(*setting.split("=", 1))
+    argv = "bench syncbn --batches 2 --steps 1 --rounds 1 --out b.json"
+    assert_refused(bnstudy_main, argv, "", expected, shared, tmp_path, capsys, monkeypatch)
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 @pytest.mark.parametrize("writer", ["bnstudy.io", "deploy.edge"])
 def test_atomic_writes_get_the_permissions_the_umask_gives(writer, umask, mode, tmp_path):

@@ -13,8 +13,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from bnstudy.benchmarks.steps import timed_training_step
-from bnstudy.distributed.collectives import local_transports, select_transport
-from bnstudy.distributed.ddp_gradients import gradient_transport
+from bnstudy.distributed.collectives import local_transports, requested_timeout_s, select_transport
+from bnstudy.distributed.ddp_gradients import gradient_transport, requested_ddp_transport
 from bnstudy.distributed.process_group import spawn_gloo
 from bnstudy.distributed.syncbn import convert_sync_batchnorm
 from bnstudy.distributed.syncbn_kernels import cpu_kernels, requested_kernels
@@ -91,11 +91,14 @@ def check_syncbn_options(
     precision: str = "fp32",
     width: int | None = None,
 ) -> None:
-    """Refuse options the workers would fail on, before any process is spawned."""
+    """Refuse options, and settings in the environment, the workers would fail on, before any process is spawned
+    (the transports of sync BN's exchanges are the bench's to choose, so ``BNSTUDY_SYNCBN_TRANSPORT`` is not read)."""
     check_image_model(model, width)
     check_precision(precision, "cpu")
     requested_kernels()
     requested_malloc()
+    requested_ddp_transport()
+    requested_timeout_s()
     for name, value in (("--steps", steps), ("--rounds", rounds), ("world size", world_size)):
         check_at_least(name, value, 1)
     for batch in batches:

@@ -42,7 +42,9 @@ def requested_transport() -> str:
     return env_choice(TRANSPORT_ENV, TRANSPORTS, "a transport")
 
 
-def _timeout_s() -> float:
+def requested_timeout_s() -> float:
+    """How long a shared-memory exchange waits for the other ranks, ``BNSTUDY_SYNCBN_TIMEOUT_S`` (default 60 s); a
+    one-line error for anything but a positive number."""
     raw = os.environ.get(TIMEOUT_ENV)
     if raw is None:
         return DEFAULT_TIMEOUT_S
@@ -83,7 +85,7 @@ def shared_memory_exchange(
     """A shared-memory all-reduce over ``group`` (a gloo group; a collective, so every rank calls it) unless
     ``requested`` (auto | shm | gloo, named by ``env_name`` in errors) is gloo or the ranks or CPU cannot share
     memory, then None."""
-    timeout_s = _timeout_s()
+    timeout_s = requested_timeout_s()
     use_shm = requested != "gloo" and fast_path_supported() and ranks_share_host(group)
     if requested == "shm" and not use_shm:
         why = "this CPU is not x86-64" if not fast_path_supported() else "the ranks are not all on this host"

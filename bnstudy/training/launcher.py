@@ -198,7 +198,8 @@ def _with_source_model(config: TrainConfig, given: dict[str, Any]) -> TrainConfi
 
 def _validate(config: TrainConfig, world_size: int, given: dict[str, Any]) -> None:
     """The config's checks, the options' that need to know what was given, and the environment's that this run
-    depends on (BNSTUDY_MALLOC, BNSTUDY_DDP_TRANSPORT, BNSTUDY_SYNCBN_TRANSPORT and BNSTUDY_SYNCBN_KERNELS)."""
+    depends on (BNSTUDY_MALLOC, BNSTUDY_DDP_TRANSPORT, BNSTUDY_SYNCBN_TIMEOUT_S, BNSTUDY_SYNCBN_TRANSPORT and
+    BNSTUDY_SYNCBN_KERNELS)."""
     from bnstudy.memory import requested_malloc
 
     config.validate(world_size)
@@ -206,9 +207,11 @@ def _validate(config: TrainConfig, world_size: int, given: dict[str, Any]) -> No
     if "profile_steps" in given and not config.profile:
         raise UserError("--profile-steps sets how many steps --profile records; add --profile")
     if world_size > 1:
+        from bnstudy.distributed.collectives import requested_timeout_s
         from bnstudy.distributed.ddp_gradients import requested_ddp_transport
 
         requested_ddp_transport()
+        requested_timeout_s()
     if config.norm == "syncbn":
         from bnstudy.distributed.collectives import requested_transport
         from bnstudy.distributed.syncbn_kernels import requested_kernels
