@@ -10,7 +10,8 @@ buffers, lost more than plain BN. Serving every block from the heap (no mmap) an
 blocks for the next step. The price: a process keeps its peak heap until it exits, which a training process reaches
 in its first step anyway.
 
-Training processes (the launcher) and ``bnstudy bench syncbn``'s workers call :func:`retain_freed_memory` first.
+Training processes (the launcher) and the processes ``bnstudy bench syncbn``, ``ddp`` and ``train`` measure in call
+:func:`retain_freed_memory` first.
 ``BNSTUDY_MALLOC=system`` keeps glibc's defaults; other C libraries are left alone.
 """
 

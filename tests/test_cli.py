@@ -1,7 +1,11 @@
+import platform
 import subprocess
 import sys
 
 from bnstudy import __version__
+
+# What the benchmarks' processes run with (bnstudy.memory): freed memory kept, where the C library is glibc.
+RETAINED = "retain" if platform.libc_ver()[0] == "glibc" else "system (not glibc)"
 
 
 def test_help_and_version():
@@ -54,6 +58,7 @@ def test_training_benchmarks_write_ratios(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(syncbn.read_text())
     assert result["model"] == "seed-cnn" and result["width"] == 8
+    assert result["malloc"] == RETAINED
     assert result["parameters"] == sum(p.numel() for p in seed_cnn(width=8).parameters())
     assert result["syncbn_kernels"] in ("compiled", "python")
     assert result["ddp_transport"] == local_transports()[-1]  # auto: shared memory where this CPU has it
@@ -104,6 +109,7 @@ def test_training_benchmarks_write_ratios(tmp_path):
         assert f"(DDP, gradients over {transport}): {rate:.0f} img/s" in done.stdout
     assert result["ratio"] == result["ddp_2x1_images_per_s"] / single
     assert result["ddp_2x1_images_per_s"] == by_transport[result["ddp_transport"]]
+    assert result["malloc"] == RETAINED
 
 
 def test_syncbn_benchmark_steps_each_variant_in_turn_and_rotates_who_goes_first():
@@ -135,7 +141,7 @@ def test_train_benchmark_compares_precisions_in_both_layouts(tmp_path):
         fp32, bf16 = rows[processes, "fp32"], rows[processes, "bf16"]
         assert fp32["ratio_to_fp32"] == 1.0 and bf16["ratio_to_fp32"] == bf16["images_per_s"] / fp32["images_per_s"]
     assert result["bf16_capability"].split()[0] in ("native", "emulated")
-    assert result["ddp_transport"] == local_transports()[-1]
+    assert result["ddp_transport"] == local_transports()[-1] and result["malloc"] == RETAINED
     assert result["machine"] == describe_machine() and done.stdout.startswith(machine_line(result["machine"]))
 
 

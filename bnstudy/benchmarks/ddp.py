@@ -1,11 +1,13 @@
 """Images/s of DDP with 2 processes × 1 thread, its gradients over each transport, against 1 process × 2 threads at
-the same global batch."""
+the same global batch. Every measuring process keeps freed memory as training processes do
+(:func:`bnstudy.memory.retain_freed_memory`), so both sides allocate as training would."""
 
 from __future__ import annotations
 
 import json
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -15,6 +17,7 @@ from bnstudy.distributed.ddp_gradients import gradient_transport
 from bnstudy.distributed.process_group import spawn_gloo
 from bnstudy.errors import UserError, check_at_least, check_choice
 from bnstudy.machine import describe_machine
+from bnstudy.memory import requested_malloc, retain_freed_memory
 from bnstudy.models import check_image_model, create_model
 from bnstudy.norms import NORM_KINDS, check_norm_batch
 from bnstudy.precision import check_precision, resolve_precision
@@ -34,11 +37,13 @@ def _ddp_worker(
     transport: str,
     out: str,
 ) -> None:
+    malloc = retain_freed_memory()
     torch.manual_seed(0)
     chosen = resolve_precision(precision, CPU)
     rate = images_per_s(create_model(model, norm), global_batch // world_size, steps, chosen, ddp_transport=transport)
     if rank == 0:
         result = {"per_rank_images_per_s": rate, "ddp_transport": gradient_transport(requested=transport)}
+        result["malloc"] = malloc
         Path(out).write_text(json.dumps(result))
 
 
@@ -48,13 +53,16 @@ def check_ddp_options(model: str, norm: str, global_batch: int, steps: int, prec
     check_choice("--norm", norm, NORM_KINDS)
     check_at_least("--steps", steps, 1)
     check_precision(precision, "cpu")
+    requested_malloc()
     if global_batch < WORLD_SIZE or global_batch % WORLD_SIZE:
         raise UserError(f"--global-batch must be a positive multiple of {WORLD_SIZE} (one share per process)")
     check_norm_batch(norm, global_batch // WORLD_SIZE, WORLD_SIZE, "images per process (--global-batch / 2)")
 
 
 def single_process_images_per_s(model: str, norm: str, batch: int, steps: int, precision: str, threads: int) -> float:
-    """Throughput of one process with ``threads`` threads (restored afterwards)."""
+    """Throughput of one process with ``threads`` threads (restored afterwards), this one, which from now on keeps
+    freed memory."""
+    retain_freed_memory()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -64,18 +72,27 @@ def single_process_images_per_s(model: str, norm: str, batch: int, steps: int, p
         torch.set_num_threads(before)
 
 
+class DdpThroughput(NamedTuple):
+    """What :func:`ddp_images_per_s` measured: images/s over all processes, the transport DDP's gradients took and
+    the workers' allocator setting (:func:`bnstudy.memory.malloc_setting`)."""
+
+    images_per_s: float
+    transport: str
+    malloc: str
+
+
 def ddp_images_per_s(
     model: str, norm: str, global_batch: int, steps: int, precision: str, transport: str = "auto"
-) -> tuple[float, str]:
+) -> DdpThroughput:
     """Throughput of :data:`WORLD_SIZE` DDP processes × 1 thread (gloo) sharing ``global_batch``, their gradients
-    over ``transport`` (auto | shm | gloo), and the transport that took."""
+    over ``transport`` (auto | shm | gloo)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ddp.json"
         spawn_gloo(
             _ddp_worker, WORLD_SIZE, model, norm, global_batch, steps, precision, transport, str(path), threads=1
         )
         result = json.loads(path.read_text())
-        return result["per_rank_images_per_s"] * WORLD_SIZE, result["ddp_transport"]
+        return DdpThroughput(result["per_rank_images_per_s"] * WORLD_SIZE, result["ddp_transport"], result["malloc"])
 
 
 def benchmark_ddp(
@@ -86,10 +103,11 @@ def benchmark_ddp(
     beside them)."""
     check_ddp_options(model, norm, global_batch, steps, precision)
     single = single_process_images_per_s(model, norm, global_batch, steps, precision, threads=WORLD_SIZE)
-    by_transport = {
-        transport: ddp_images_per_s(model, norm, global_batch, steps, precision, transport)[0]
+    measured = {
+        transport: ddp_images_per_s(model, norm, global_batch, steps, precision, transport)
         for transport in local_transports()
     }
+    by_transport = {transport: ddp.images_per_s for transport, ddp in measured.items()}
     chosen = "shm" if "shm" in by_transport else "gloo"  # auto, for processes on one host
     return {
         "model": model,
@@ -103,5 +121,6 @@ def benchmark_ddp(
         "ddp_transport": chosen,
         "ddp_2x1_images_per_s": by_transport[chosen],
         "ratio": by_transport[chosen] / single,
+        "malloc": measured[chosen].malloc,
         "machine": describe_machine(),
     }

@@ -31,7 +31,6 @@ def benchmark_train(
         check_ddp_options(model, norm, global_batch, steps, precision)
     check_at_least("--rounds", rounds, 1)
     rates: dict[tuple[int, str], list[float]] = {(p, name): [] for p, _ in LAYOUTS for name in precisions}
-    ddp_transport = None
     with tqdm(total=rounds * len(rates), desc="bench train", leave=False) as bar:
         for _ in range(rounds):
             for processes, threads in LAYOUTS:
@@ -39,7 +38,8 @@ def benchmark_train(
                     if processes == 1:
                         rate = single_process_images_per_s(model, norm, global_batch, steps, name, threads)
                     else:
-                        rate, ddp_transport = ddp_images_per_s(model, norm, global_batch, steps, name)
+                        ddp = ddp_images_per_s(model, norm, global_batch, steps, name)
+                        rate = ddp.images_per_s
                     rates[processes, name].append(rate)
                     bar.update()
     rows = []
@@ -64,7 +64,8 @@ def benchmark_train(
         "steps": steps,
         "rounds": rounds,
         "bf16_capability": bf16_capability(torch.device("cpu")),
-        "ddp_transport": ddp_transport,
+        "ddp_transport": ddp.transport,
+        "malloc": ddp.malloc,
         "torch": torch.__version__,
         "machine": describe_machine(),
         "results": rows,
