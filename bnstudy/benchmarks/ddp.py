@@ -42,8 +42,8 @@ def _ddp_worker(
     chosen = resolve_precision(precision, CPU)
     rate = images_per_s(create_model(model, norm), global_batch // world_size, steps, chosen, ddp_transport=transport)
     if rank == 0:
-        result = {"per_rank_images_per_s": rate, "ddp_transport": gradient_transport(requested=transport)}
-        result["malloc"] = malloc
+        transport_taken = gradient_transport(requested=transport)
+        result = {"per_rank_images_per_s": rate, "ddp_transport": transport_taken, "malloc": malloc}
         Path(out).write_text(json.dumps(result))
 
 
