@@ -32,6 +32,9 @@ DATA_LOADING = "data_loading"
 TRACE_FILE = re.compile(r"^(?P<worker>.*?)(\.\d+)?\.pt\.trace\.json(\.gz)?$")  # torch-tb-profiler's pattern
 # Kineto prints USDT probe and GPU-count lines on CPU-only machines unless told to be quiet.
 QUIET_KINETO = {"KINETO_LOG_LEVEL": "6"}  # above ERROR and USDT (5)
+# training_profiler skips this many steps, then warms up for this many, before it records.
+SKIPPED_STEPS = 1
+WARMUP_STEPS = 1
 
 
 class _NoProfiler:
@@ -93,8 +96,8 @@ def training_profiler(
     rank: int,
     *,
     enabled: bool,
-    wait: int = 1,
-    warmup: int = 1,
+    wait: int = SKIPPED_STEPS,
+    warmup: int = WARMUP_STEPS,
     active: int = 3,
     with_stack: bool = False,
     label: str = "train",

@@ -17,9 +17,8 @@ from bnstudy.data import (
     synthetic_images,
 )
 from bnstudy.errors import UserError
+from bnstudy.traces.record import SKIPPED_STEPS, WARMUP_STEPS
 from bnstudy.training.config import TrainConfig
-
-PROFILE_LEAD_STEPS = 2  # bnstudy.traces.record.training_profiler's default schedule: wait 1, warm up 1, then record
 
 
 @dataclass
@@ -75,11 +74,12 @@ def check_run_fits(config: TrainConfig, data: RunData, world_size: int) -> int:
             f"{len(data.train)} training images over {world_size} process(es) is less than one batch of "
             f"{config.batch_size}; lower --batch-size"
         )
-    profiled = PROFILE_LEAD_STEPS + config.profile_steps
+    profiled = SKIPPED_STEPS + WARMUP_STEPS + config.profile_steps
     if config.profile and steps < profiled:
         raise UserError(
-            f"--profile records {profiled} steps of the first epoch (1 skipped, 1 warm-up, {config.profile_steps} "
-            f"recorded), but an epoch has only {steps}; use more data, a smaller --batch-size or fewer --profile-steps"
+            f"--profile records {profiled} steps of the first epoch ({SKIPPED_STEPS} skipped, {WARMUP_STEPS} warm-up, "
+            f"{config.profile_steps} recorded), but an epoch has only {steps}; use more data, a smaller --batch-size "
+            "or fewer --profile-steps"
         )
     return steps
 
